@@ -1,0 +1,189 @@
+// The CPU accumulation engine (see gemm_engine.h).
+//
+// Work is split into tiles of kTileRows x kTileCols outputs. A tile keeps its partial
+// sums in registers for the whole length K, so each output sees its products strictly
+// in order k = 0, 1, ..., K-1 whatever the tiling and thread count. The per-lane code is
+// branch-free so the compiler vectorizes across the kTileCols outputs; it is compiled
+// for several instruction sets (target_clones) and the loader picks the best one the
+// processor has, so no instruction the processor lacks is ever executed.
+#include "gemm_engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace tfaccum {
+namespace {
+
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 2;                  // vectors of kLanes outputs per tile row
+constexpr int kTileCols = kTileVecs * kLanes;  // 16 outputs
+
+#define TFACCUM_INLINE inline __attribute__((always_inline))
+
+using TileD = VecD[kTileRows][kTileVecs];
+using TileU = VecU[kTileRows][kTileVecs];
+
+// Accumulates one tile. a_panel: kTileRows x K; b_packed: K x ldb, starting at the
+// tile's first column. keys: the generator key of each output (stochastic only).
+template <int R, bool kRoundedProducts, bool kFinite>
+TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
+                                   const double* __restrict a_panel,
+                                   const double* __restrict b_packed, int64_t ldb,
+                                   const TileU& keys, TileD& out) {
+  constexpr bool kRandom = (R == kStochastic);
+  const bool chunked = params.chunk_size > 0;
+  const int64_t chunk = chunked ? params.chunk_size : K;
+  const VecU no_bits = {};
+  TileD total = {};
+  int64_t chunk_index = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += chunk, ++chunk_index) {
+    const int64_t k1 = std::min(K, k0 + chunk);
+    TileD partial = {};
+    for (int64_t k = k0; k < k1; ++k) {
+      VecD b_row[kTileVecs];
+      __builtin_memcpy(&b_row, b_packed + k * ldb, sizeof b_row);
+#pragma GCC unroll 16
+      for (int r = 0; r < kTileRows; ++r) {
+        const double a = a_panel[r * K + k];
+#pragma GCC unroll 16
+        for (int v = 0; v < kTileVecs; ++v) {
+          VecD p = a * b_row[v];  // exact
+          if (kRoundedProducts) {
+            p = quantize<R, kFinite>(p, params.product,
+                            kRandom ? random_bits24(keys[r][v], product_counter(k)) : no_bits);
+          }
+          partial[r][v] = accumulate<R, kFinite>(
+              partial[r][v], p, params.accumulator,
+              kRandom ? random_bits24(keys[r][v], accumulate_counter(k)) : no_bits);
+        }
+      }
+    }
+    for (int r = 0; r < kTileRows; ++r)
+      for (int v = 0; v < kTileVecs; ++v) {
+        total[r][v] = chunked ? accumulate<R, kFinite>(total[r][v], partial[r][v],
+                                              params.chunk_accumulator,
+                                              kRandom ? random_bits24(keys[r][v],
+                                                                      chunk_counter(chunk_index))
+                                                      : no_bits)
+                              : partial[r][v];
+      }
+  }
+  for (int r = 0; r < kTileRows; ++r)
+    for (int v = 0; v < kTileVecs; ++v) out[r][v] = total[r][v];
+}
+
+struct TileJob {
+  const AccumParams* params;
+  int64_t K;
+  const double* a_panel;
+  const double* b_packed;
+  int64_t ldb;
+  const TileU* keys;
+  TileD* out;
+  bool finite;  // finite operands and only finite-safe formats: skip special-value checks
+};
+
+// The only function compiled per instruction set; everything it calls is inlined.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void RunTile(const TileJob& job) {
+  const AccumParams& p = *job.params;
+  const TileU& keys = *job.keys;
+  TileD& out = *job.out;
+  // One instantiation per rounding mode, product handling and range handling.
+#define TFACCUM_TILE(R, PRODUCT, FINITE)                                                \
+  AccumulateTile<R, PRODUCT, FINITE>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, \
+                                     out)
+#define TFACCUM_TILE_BY_RANGE(R, PRODUCT) \
+  return job.finite ? TFACCUM_TILE(R, PRODUCT, true) : TFACCUM_TILE(R, PRODUCT, false)
+  switch (p.rounding * 2 + (p.has_product ? 1 : 0)) {
+    case kNearestEven * 2: TFACCUM_TILE_BY_RANGE(kNearestEven, false);
+    case kNearestEven * 2 + 1: TFACCUM_TILE_BY_RANGE(kNearestEven, true);
+    case kTowardZero * 2: TFACCUM_TILE_BY_RANGE(kTowardZero, false);
+    case kTowardZero * 2 + 1: TFACCUM_TILE_BY_RANGE(kTowardZero, true);
+    case kStochastic * 2: TFACCUM_TILE_BY_RANGE(kStochastic, false);
+    default: TFACCUM_TILE_BY_RANGE(kStochastic, true);
+  }
+#undef TFACCUM_TILE_BY_RANGE
+#undef TFACCUM_TILE
+}
+
+}  // namespace
+
+void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
+                    const RowGather& gather_a, const float* b, int64_t b_stride_k,
+                    int64_t b_stride_n, float* c, uint64_t element_offset,
+                    const ParallelFor& parallel_for) {
+  if (M <= 0 || N <= 0) return;
+  const int64_t col_tiles = (N + kTileCols - 1) / kTileCols;
+  const int64_t ldb = col_tiles * kTileCols;
+
+  // B in binary64, zero-padded to whole tiles (padding columns are computed, then dropped).
+  std::vector<double> b_packed(static_cast<size_t>(std::max<int64_t>(K, 1) * ldb), 0.0);
+  std::atomic<bool> b_finite{true};
+  parallel_for(K, N * 2, [&](int64_t k_begin, int64_t k_end) {
+    bool finite = true;
+    for (int64_t k = k_begin; k < k_end; ++k)
+      for (int64_t j = 0; j < N; ++j) {
+        const float value = b[k * b_stride_k + j * b_stride_n];
+        finite &= __builtin_isfinite(value);
+        b_packed[k * ldb + j] = static_cast<double>(value);
+      }
+    if (!finite) b_finite = false;
+  });
+  const bool finite_safe = params.finite_safe && b_finite;
+
+  const bool stochastic = params.rounding == kStochastic;
+  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
+  // Roughly 30 vector instructions per product per 8 lanes.
+  const int64_t cost_per_row_tile = std::max<int64_t>(1, K) * ldb * kTileRows * 4;
+  parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<double> panel(static_cast<size_t>(kTileRows * std::max<int64_t>(K, 1)));
+    TileU keys = {};
+    TileD out;
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t row0 = tile * kTileRows;
+      const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
+      std::fill(panel.begin(), panel.end(), 0.0);
+      if (K > 0) gather_a(row0, rows, panel.data());
+      bool finite = finite_safe;
+      for (const double value : panel) finite &= __builtin_isfinite(value);
+      for (int64_t ct = 0; ct < col_tiles; ++ct) {
+        const int64_t col0 = ct * kTileCols;
+        if (stochastic) {
+          for (int r = 0; r < kTileRows; ++r)
+            for (int w = 0; w < kTileCols; ++w)
+              keys[r][w / kLanes][w % kLanes] = element_key(
+                  params.seed, element_offset + static_cast<uint64_t>((row0 + r) * N + col0 + w));
+        }
+        TileJob job{&params, K, panel.data(), b_packed.data() + col0, ldb, &keys, &out, finite};
+        RunTile(job);
+        const int64_t cols = std::min<int64_t>(kTileCols, N - col0);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t w = 0; w < cols; ++w)
+            c[(row0 + r) * N + col0 + w] = static_cast<float>(out[r][w / kLanes][w % kLanes]);
+      }
+    }
+  });
+}
+
+namespace {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QuantizeRange(
+    const float* x, float* y, int64_t begin, int64_t end, const FormatParams& format,
+    int32_t rounding, uint64_t seed) {
+  for (int64_t i = begin; i < end; ++i) {
+    const double v = static_cast<double>(x[i]);
+    uint64_t r = 0;
+    if (rounding == kStochastic) r = random_bits24(element_key(seed, static_cast<uint64_t>(i)), 0);
+    y[i] = static_cast<float>(quantize_any(v, format, rounding, r));
+  }
+}
+}  // namespace
+
+void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
+                   int32_t rounding, uint64_t seed, const ParallelFor& parallel_for) {
+  parallel_for(n, 40, [&](int64_t begin, int64_t end) {
+    QuantizeRange(x, y, begin, end, format, rounding, seed);
+  });
+}
+
+}  // namespace tfaccum

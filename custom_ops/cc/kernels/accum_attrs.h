@@ -1,0 +1,89 @@
+// Reads the accumulation attributes every tfaccum op shares (TFACCUM_ACCUM_ATTRS in
+// ops/accum_ops.cc) into the rounding core's AccumParams, validating them.
+#ifndef TFACCUM_KERNELS_ACCUM_ATTRS_H_
+#define TFACCUM_KERNELS_ACCUM_ATTRS_H_
+
+#include <string>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "../gemm_engine.h"
+
+namespace tfaccum {
+
+inline absl::Status ParseRounding(const std::string& name, int32_t* rounding) {
+  if (name == "nearest_even") *rounding = kNearestEven;
+  else if (name == "toward_zero") *rounding = kTowardZero;
+  else if (name == "stochastic") *rounding = kStochastic;
+  else
+    return absl::InvalidArgumentError("rounding must be nearest_even, toward_zero or "
+                                      "stochastic, got '" + name + "'");
+  return absl::OkStatus();
+}
+
+// `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf].
+inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& values,
+                                Format* format) {
+  if (values.size() != 4) {
+    return absl::InvalidArgumentError(
+        std::string(attr) + " must be [exponent_bits, mantissa_bits, subnormals, "
+        "overflow_inf] (4 integers), got " + std::to_string(values.size()) + " values");
+  }
+  *format = Format{static_cast<int32_t>(values[0]), static_cast<int32_t>(values[1]),
+                   static_cast<int32_t>(values[2]), static_cast<int32_t>(values[3])};
+  if (values[0] != format->exponent_bits || values[1] != format->mantissa_bits ||
+      values[2] != format->subnormals || values[3] != format->overflow_inf) {
+    return absl::InvalidArgumentError(std::string(attr) + ": value out of range");
+  }
+  if (const char* problem = validate_format(*format)) {
+    return absl::InvalidArgumentError(std::string(attr) + ": " + problem);
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
+                                    AccumParams* params) {
+  std::vector<int64_t> accumulator, product, chunk_accumulator;
+  std::string rounding;
+  int64_t chunk_size = 0, seed = 0;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("accumulator", &accumulator));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("product", &product));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("chunk_size", &chunk_size));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("chunk_accumulator", &chunk_accumulator));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("rounding", &rounding));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("seed", &seed));
+
+  *params = AccumParams{};
+  TF_RETURN_IF_ERROR(ParseRounding(rounding, &params->rounding));
+  Format acc, prod{8, 23, 1, 0}, chunk;
+  TF_RETURN_IF_ERROR(ParseFormat("accumulator", accumulator, &acc));
+  TF_RETURN_IF_ERROR(ParseFormat("chunk_accumulator", chunk_accumulator, &chunk));
+  params->has_product = !product.empty();
+  if (params->has_product) TF_RETURN_IF_ERROR(ParseFormat("product", product, &prod));
+  if (chunk_size < 0) {
+    return absl::InvalidArgumentError("chunk_size must be >= 0 (0: sequential), got " +
+                                      std::to_string(chunk_size));
+  }
+  params->accumulator = make_format_params(acc, params->rounding);
+  params->product = make_format_params(prod, params->rounding);
+  params->chunk_accumulator = make_format_params(chunk, params->rounding);
+  params->chunk_size = chunk_size;
+  params->seed = static_cast<uint64_t>(seed);
+  params->finite_safe = is_finite_safe(acc) && is_finite_safe(chunk) &&
+                        (!params->has_product || is_finite_safe(prod));
+  return absl::OkStatus();
+}
+
+// Adapts TensorFlow's CPU thread pool to the engine's ParallelFor.
+inline ParallelFor CpuParallelFor(tensorflow::OpKernelContext* ctx) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  return [pool](int64_t total, int64_t cost_per_unit,
+                const std::function<void(int64_t, int64_t)>& body) {
+    if (total <= 0) return;
+    pool->ParallelFor(total, cost_per_unit, body);
+  };
+}
+
+}  // namespace tfaccum
+
+#endif  // TFACCUM_KERNELS_ACCUM_ATTRS_H_

@@ -1,0 +1,267 @@
+// The tfaccum rounding core: every rounding tfaccum performs, on CPU and GPU.
+//
+// One header of small functions, shared verbatim by the C++ kernels and the CUDA kernels
+// (it includes no TensorFlow and no CUDA headers). The arithmetic it implements is
+// defined in docs/numerics.md; tfaccum/reference.py is the exact rational oracle.
+//
+// Representation. Partial sums are held in binary64. Every tfaccum format (e <= 8,
+// m <= 23) is a subset of binary32, hence of binary64, and the product of two float32
+// values is exact in binary64 (48-bit significand, exponent >= -298).
+//
+// Single rounding of an exact sum. `s + p` is computed as a binary64 sum `hi` plus its
+// exact error `lo` (TwoSum, no FMA contraction allowed). The pair is collapsed to `hi`
+// rounded *to odd* (sticky last bit). Rounding that value to a format with at most 24
+// significant bits gives the correctly rounded exact sum for nearest-even and
+// toward-zero (Boldo & Melquiond 2008: round-to-odd to p+k bits, k >= 2, then to p bits),
+// and its top 28 fraction bits below the target ulp are exact, more than the 24 bits
+// that stochastic rounding reads.
+//
+// Quantization of a binary64 x to format F: with E_eff = max(exponent(x), emin),
+// y = x * 2^(m - E_eff) is exact and the target grid is the integers, so rounding y to
+// an integer (rint / trunc / stochastic) and scaling back is exact.
+#ifndef TFACCUM_ROUNDING_H_
+#define TFACCUM_ROUNDING_H_
+
+#include <stdint.h>
+
+
+#if defined(__CUDACC__)
+#define TFACCUM_HD __host__ __device__ __forceinline__
+#else
+#define TFACCUM_HD inline __attribute__((always_inline))
+#endif
+
+namespace tfaccum {
+
+enum Rounding : int32_t {
+  kNearestEven = 0,
+  kTowardZero = 1,
+  kStochastic = 2,
+};
+
+// A format as the user states it (numerics.md section 1).
+struct Format {
+  int32_t exponent_bits;  // 2..8
+  int32_t mantissa_bits;  // 0..23
+  int32_t subnormals;     // 1: gradual underflow; 0: flush results below 2^emin
+  int32_t overflow_inf;   // 0: saturate to +-max; 1: IEEE overflow to +-Inf
+};
+
+// Precomputed constants for quantizing binary64 values to one format in the hot loop.
+struct FormatParams {
+  int64_t emin_field;    // binary64 biased exponent field of 2^emin
+  int64_t magic_offset;  // bits(1.5 * 2^(E - m + 52)) = (E_field << 52) + magic_offset
+  int64_t ulp_offset;    // bits(2^(E - m)) = (E_field << 52) - ulp_offset
+  int64_t units_offset;  // bits(2^(24 + m - E)) = units_offset - (E_field << 52)
+  double max_value;     // largest finite value
+  double flush_below;   // results with magnitude below this become signed zeros
+  double overflow_value;     // what an overflowing nearest/stochastic rounding gives
+};
+
+// Everything one GEMM needs to know about its accumulation (numerics.md section 3).
+struct AccumParams {
+  FormatParams accumulator;
+  FormatParams product;
+  FormatParams chunk_accumulator;
+  int32_t has_product;   // 0: exact products
+  int32_t rounding;      // Rounding
+  int64_t chunk_size;    // 0: sequential
+  uint64_t seed;
+  int32_t finite_safe;   // every format used is finite-safe (see is_finite_safe)
+};
+
+// ---- Lane-generic primitives ---------------------------------------------------------
+// The core below is written once for a value type D with bit type U: D = double,
+// U = uint64_t on the GPU and in scalar CPU code; D = VecD, U = VecU (GCC vector types,
+// eight lanes) in the CPU engine. A mask is all ones or all zeros per lane.
+
+TFACCUM_HD uint64_t to_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+TFACCUM_HD double from_bits(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+TFACCUM_HD uint64_t mask(bool condition) { return uint64_t{0} - static_cast<uint64_t>(condition); }
+TFACCUM_HD double to_double(uint64_t u) { return static_cast<double>(u); }
+
+#if !defined(__CUDACC__)
+typedef double VecD __attribute__((vector_size(64)));
+typedef uint64_t VecU __attribute__((vector_size(64)));
+typedef int64_t VecI __attribute__((vector_size(64)));
+constexpr int kLanes = 8;
+TFACCUM_HD VecU to_bits(VecD x) { return reinterpret_cast<VecU>(x); }
+TFACCUM_HD VecD from_bits(VecU u) { return reinterpret_cast<VecD>(u); }
+TFACCUM_HD VecU mask(VecI condition) { return reinterpret_cast<VecU>(condition); }
+TFACCUM_HD VecD to_double(VecU u) { return __builtin_convertvector(u, VecD); }
+#endif
+
+// select(condition, a, b): `condition` is a comparison result (bool, or a vector of
+// all-ones/all-zeros lanes); vector conditionals compile to masked blends.
+template <class C, class T>
+TFACCUM_HD T select(C condition, T if_true, T if_false) {
+  return condition ? if_true : if_false;
+}
+
+template <class D>
+TFACCUM_HD D abs_d(D x) {
+  return from_bits(to_bits(x) & 0x7fffffffffffffffULL);
+}
+
+template <class D>
+TFACCUM_HD D copysign_d(D magnitude, D sign) {
+  return from_bits((to_bits(magnitude) & 0x7fffffffffffffffULL) |
+                   (to_bits(sign) & 0x8000000000000000ULL));
+}
+
+inline double pow2_d(int64_t e) {  // 2^e for -1022 <= e <= 1023
+  return from_bits(static_cast<uint64_t>(e + 1023) << 52);
+}
+
+// Validates a format; returns nullptr or a static message naming the problem.
+inline const char* validate_format(const Format& f) {
+  if (f.exponent_bits < 2 || f.exponent_bits > 8) return "exponent_bits must be in 2..8";
+  if (f.mantissa_bits < 0 || f.mantissa_bits > 23) return "mantissa_bits must be in 0..23";
+  if (f.subnormals != 0 && f.subnormals != 1) return "subnormals must be 0 or 1";
+  if (f.overflow_inf != 0 && f.overflow_inf != 1) return "overflow must be 0 (saturate) or 1 (inf)";
+  return nullptr;
+}
+
+inline FormatParams make_format_params(const Format& f, int32_t rounding) {
+  const int64_t bias = (int64_t{1} << (f.exponent_bits - 1)) - 1;
+  const int64_t emin = 1 - bias;
+  const int64_t m = f.mantissa_bits;
+  FormatParams p;
+  p.emin_field = emin + 1023;
+  p.magic_offset = static_cast<int64_t>(((52 - m) << 52) | (int64_t{1} << 51));
+  p.ulp_offset = m << 52;
+  p.units_offset = (2046 + 24 + m) << 52;  // field = 1023 + 24 + m - (E_field - 1023)
+  p.max_value = (2.0 - pow2_d(-m)) * pow2_d(bias);
+  p.flush_below = f.subnormals ? 0.0 : pow2_d(emin);
+  const bool to_inf = f.overflow_inf && rounding != kTowardZero;
+  p.overflow_value = to_inf ? from_bits(0x7ff0000000000000ULL) : p.max_value;
+  return p;
+}
+
+// ---- The stochastic generator (docs/numerics.md section 4) -------------------------
+
+template <class U>
+TFACCUM_HD U mix64(U z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Per-element key: computed once per output element.
+template <class U>
+TFACCUM_HD U element_key(uint64_t seed, U element) {
+  return mix64(seed + (element + 1) * 0x9E3779B97F4A7C15ULL);
+}
+
+// The 24-bit draw for rounding number `counter` of an element.
+template <class U>
+TFACCUM_HD U random_bits24(U key, uint64_t counter) {
+  return mix64(key ^ ((counter + 1) * 0xD1B54A32D192ED03ULL)) >> 40;
+}
+
+// Counters: which rounding of a dot product a draw belongs to.
+TFACCUM_HD uint64_t product_counter(int64_t k) { return 3 * static_cast<uint64_t>(k); }
+TFACCUM_HD uint64_t accumulate_counter(int64_t k) { return 3 * static_cast<uint64_t>(k) + 1; }
+TFACCUM_HD uint64_t chunk_counter(int64_t j) { return 3 * static_cast<uint64_t>(j) + 2; }
+
+// ---- Quantization -------------------------------------------------------------------
+
+// Rounds x to the format under mode R. x must be exact or rounded to odd with at least
+// two more bits than the format (see the file comment). `rbits` is the 24-bit draw and
+// is read only by stochastic rounding.
+//
+// With E = max(exponent(x), emin) the format's grid near x has spacing u = 2^(E - m).
+// C = 1.5 * 2^(E - m + 52) has ulp u and |x| < C/3, so the binary64 sum x + C is x
+// rounded once to nearest-even on that grid (C is an even multiple of u), and
+// (x + C) - C recovers it exactly.
+template <int R, bool kFinite = false, class D, class U>
+TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
+  const U x_bits = to_bits(x);
+  const U exponent = x_bits & 0x7ff0000000000000ULL;                   // E_field << 52
+  const U emin = U{} + (static_cast<uint64_t>(f.emin_field) << 52);
+  const U e = select(exponent > emin, exponent, emin);
+  const D magic = from_bits(e + static_cast<uint64_t>(f.magic_offset));  // 1.5 * 2^(E-m+52)
+  D r = copysign_d((x + magic) - magic, x);  // nearest-even; keeps the sign of zeros
+  if (R != kNearestEven) {
+    const D ulp = from_bits(e - static_cast<uint64_t>(f.ulp_offset));  // 2^(E - m)
+    const D magnitude_x = abs_d(x);
+    D truncated = abs_d(r);
+    truncated = select(truncated > magnitude_x, truncated - ulp, truncated);
+    if (R == kTowardZero) {
+      r = copysign_d(truncated, x);
+    } else {
+      // floor(fraction * 2^24) of the part below the truncated value, exactly.
+      const D to_units = from_bits(static_cast<uint64_t>(f.units_offset) - e);  // 2^(24+m-E)
+      const D scaled = (magnitude_x - truncated) * to_units;  // exact, in [0, 2^24)
+      const D rounded = (scaled + 4503599627370496.0) - 4503599627370496.0;
+      const D top24 = select(rounded > scaled, rounded - 1.0, rounded);
+      const D away = select(top24 + to_double(rbits) >= 16777216.0, truncated + ulp, truncated);
+      r = copysign_d(away, x);
+    }
+  }
+  const D magnitude = abs_d(r);
+  if (kFinite) {  // the caller guarantees finite x, subnormals on and saturation
+    return select(magnitude > f.max_value, copysign_d(D{} + f.max_value, x), r);
+  }
+  r = select(magnitude < f.flush_below, copysign_d(D{}, r), r);
+  r = select(magnitude > f.max_value, copysign_d(D{} + f.overflow_value, x), r);
+  const U special = U{} + 0x7ff0000000000000ULL;
+  return select(exponent == special, x, r);  // NaN and Inf pass through
+}
+
+// True when quantize<R, true> may be used for every value this format will see, given
+// finite inputs: no flushing and no overflow to infinity.
+inline bool is_finite_safe(const Format& f) { return f.subnormals && !f.overflow_inf; }
+
+// Runtime-dispatched form, for code that is not in a hot loop.
+TFACCUM_HD double quantize_any(double x, const FormatParams& f, int32_t rounding,
+                               uint64_t rbits) {
+  if (rounding == kNearestEven) return quantize<kNearestEven>(x, f, rbits);
+  if (rounding == kTowardZero) return quantize<kTowardZero>(x, f, rbits);
+  return quantize<kStochastic>(x, f, rbits);
+}
+
+// s + p as one binary64 rounded to odd: exact when the sum is, else the neighbour of the
+// binary64 sum whose last bit is 1 on the side of the exact value.
+template <class D>
+TFACCUM_HD D add_round_to_odd(D s, D p) {
+  const D hi = s + p;
+  const D p_virtual = hi - s;
+  const D s_virtual = hi - p_virtual;
+  const D lo = (s - s_virtual) + (p - p_virtual);  // exact error (TwoSum)
+  auto bits = to_bits(hi);
+  // Branch-free so that loops over outputs vectorize.
+  const auto inexact = mask(abs_d(lo) > 0.0);  // false for a NaN lo (Inf inputs)
+  const auto adjust = inexact & ~bits & 1;                 // only an even hi moves
+  const auto shrinks = (bits ^ to_bits(lo)) >> 63;         // lo points toward zero
+  bits += adjust - 2 * (adjust & shrinks);  // +1 ulp away from zero, or -1 toward it
+  return from_bits(bits);
+}
+
+// One accumulation step: Q_F(s + p) of the exact sum.
+template <int R, bool kFinite = false, class D, class U>
+TFACCUM_HD D accumulate(D s, D p, const FormatParams& f, U rbits) {
+  return quantize<R, kFinite>(add_round_to_odd(s, p), f, rbits);
+}
+
+}  // namespace tfaccum
+
+#endif  // TFACCUM_ROUNDING_H_

@@ -1,0 +1,54 @@
+"""tfaccum: train TensorFlow/Keras models as if matrix units accumulated in narrow floats.
+
+Quickstart::
+
+    import tensorflow as tf, tfaccum
+    acc = tfaccum.FloatFormat(6, 9)                      # 6 exponent bits, 9 mantissa bits
+    cfg = tfaccum.AccumConfig(accumulator=acc, chunk_size=64)
+    y = tfaccum.accum_matmul(a, b, cfg)                  # every partial sum rounded to e6m9
+
+See ``docs/numerics.md`` for exactly what is computed.
+"""
+
+from tfaccum.config import (  # noqa: F401
+    BFLOAT16,
+    BINARY16,
+    BINARY32,
+    FLOAT32,
+    FP8_E4M3,
+    FP8_E5M2,
+    FULL_PRECISION,
+    PRESETS,
+    AccumConfig,
+    AccumPolicy,
+    FloatFormat,
+    as_format,
+    as_policy,
+)
+from tfaccum.ops import accum_conv2d, accum_matmul, quantize  # noqa: F401
+
+__version__ = "0.1.0"
+
+# Keras-facing parts import lazily so that `import tfaccum` stays light and the
+# numerics core works without them.
+_LAZY = {
+    "layers": ("tfaccum.layers", None),
+    "rewrite": ("tfaccum.rewrite", "rewrite"),
+    "summary": ("tfaccum.rewrite", "summary"),
+    "accumulation_scope": ("tfaccum.rewrite", "accumulation_scope"),
+    "reference": ("tfaccum.reference", None),
+    "analysis": ("tfaccum.analysis", None),
+    "models": ("tfaccum.models", None),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tfaccum' has no attribute {name!r}")

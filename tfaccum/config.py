@@ -1,0 +1,358 @@
+"""Configuration objects: number formats, accumulation configs and per-GEMM policies.
+
+All three classes are frozen dataclasses that validate themselves on construction, print
+readably, and round-trip through plain dicts (and hence JSON)::
+
+    >>> acc = FloatFormat(6, 9)
+    >>> cfg = AccumConfig(accumulator=acc, chunk_size=64)
+    >>> cfg
+    AccumConfig(e6m9, exact products, chunk 64, nearest-even)
+    >>> AccumConfig.from_dict(cfg.to_dict()) == cfg
+    True
+
+The arithmetic these objects describe is defined in ``docs/numerics.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional, Union
+
+ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
+OVERFLOW_POLICIES = ("saturate", "inf")
+
+_ROUNDING_PRETTY = {
+    "nearest_even": "nearest-even",
+    "toward_zero": "toward-zero",
+    "stochastic": "stochastic",
+}
+
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {allowed}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """A binary floating-point format: 1 sign bit, ``exponent_bits``, ``mantissa_bits``.
+
+    Args:
+      exponent_bits: 2..8. Bias is ``2**(exponent_bits-1) - 1``; the top exponent code
+        is reserved for Inf/NaN as in IEEE 754.
+      mantissa_bits: 0..23 stored fraction bits (precision is ``mantissa_bits + 1``).
+      subnormals: keep gradual underflow. When False a value is rounded as if subnormals
+        existed and a non-zero result below the smallest normal becomes a signed zero.
+      overflow: ``"saturate"`` (clamp to the largest finite value) or ``"inf"`` (IEEE).
+    """
+
+    exponent_bits: int
+    mantissa_bits: int
+    subnormals: bool = True
+    overflow: str = "saturate"
+
+    def __post_init__(self):
+        _check_int("exponent_bits", self.exponent_bits, 2, 8)
+        _check_int("mantissa_bits", self.mantissa_bits, 0, 23)
+        _check_bool("subnormals", self.subnormals)
+        _check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
+
+    # Derived quantities -------------------------------------------------------------
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.exponent_bits - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal value."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest finite value."""
+        return self.bias
+
+    @property
+    def max_value(self) -> float:
+        return (2.0 - 2.0 ** -self.mantissa_bits) * 2.0 ** self.emax
+
+    @property
+    def smallest_normal(self) -> float:
+        return 2.0 ** self.emin
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return 2.0 ** (self.emin - self.mantissa_bits)
+
+    @property
+    def name(self) -> str:
+        return f"e{self.exponent_bits}m{self.mantissa_bits}"
+
+    def with_mantissa_bits(self, mantissa_bits: int) -> "FloatFormat":
+        return dataclasses.replace(self, mantissa_bits=mantissa_bits)
+
+    def __repr__(self) -> str:
+        extras = []
+        if not self.subnormals:
+            extras.append("no subnormals")
+        if self.overflow != "saturate":
+            extras.append(f"overflow={self.overflow}")
+        return self.name + (f" ({', '.join(extras)})" if extras else "")
+
+    # Serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FloatFormat":
+        if isinstance(d, FloatFormat):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"FloatFormat.from_dict expects a mapping, got {type(d).__name__}")
+        return cls(**dict(d))
+
+    def kernel_attr(self) -> list:
+        """The op attribute encoding: [exponent_bits, mantissa_bits, subnormals, overflow_inf]."""
+        return [self.exponent_bits, self.mantissa_bits, int(self.subnormals),
+                int(self.overflow == "inf")]
+
+
+# Named presets.
+BINARY32 = FloatFormat(8, 23)
+BINARY16 = FloatFormat(5, 10)
+BFLOAT16 = FloatFormat(8, 7)
+FP8_E5M2 = FloatFormat(5, 2)
+FP8_E4M3 = FloatFormat(4, 3)
+PRESETS = {
+    "binary32": BINARY32,
+    "float32": BINARY32,
+    "binary16": BINARY16,
+    "float16": BINARY16,
+    "bfloat16": BFLOAT16,
+    "fp8_e5m2": FP8_E5M2,
+    "fp8_e4m3": FP8_E4M3,
+}
+
+
+def as_format(value: Union[FloatFormat, str, Mapping, tuple]) -> FloatFormat:
+    """Accepts a FloatFormat, a preset name, ``"e6m9"``, a dict or ``(e, m)``."""
+    if isinstance(value, FloatFormat):
+        return value
+    if isinstance(value, str):
+        key = value.lower()
+        if key in PRESETS:
+            return PRESETS[key]
+        if key.startswith("e") and "m" in key:
+            e, _, m = key[1:].partition("m")
+            if e.isdigit() and m.isdigit():
+                return FloatFormat(int(e), int(m))
+        raise ValueError(f"unknown format {value!r}: use a preset "
+                         f"({', '.join(sorted(PRESETS))}) or 'e<E>m<M>' such as 'e6m9'")
+    if isinstance(value, Mapping):
+        return FloatFormat.from_dict(value)
+    if isinstance(value, tuple) and len(value) == 2:
+        return FloatFormat(*value)
+    raise TypeError(f"expected a FloatFormat, got {type(value).__name__} {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumConfig:
+    """How one GEMM accumulates its dot products (numerics.md section 3).
+
+    Args:
+      accumulator: format of every partial sum ``s <- Q_A(s + p)``.
+      product: format the products are rounded to first; ``None`` means exact products
+        (the adder sees the exact product, as in a fused multiply-add).
+      chunk_size: 0 for sequential accumulation; ``c > 0`` sums chunks of ``c`` products
+        in ``accumulator`` and adds each chunk sum to the total in ``chunk_accumulator``.
+      chunk_accumulator: format of the chunk-sum total; ``None`` means ``accumulator``.
+      rounding: ``"nearest_even"``, ``"toward_zero"`` or ``"stochastic"``; applies to
+        every rounding of this GEMM (products, partial sums, chunk sums).
+      seed: key of the counter-based generator used by stochastic rounding.
+    """
+
+    accumulator: FloatFormat = BINARY32
+    product: Optional[FloatFormat] = None
+    chunk_size: int = 0
+    chunk_accumulator: Optional[FloatFormat] = None
+    rounding: str = "nearest_even"
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "accumulator", as_format(self.accumulator))
+        if self.product is not None:
+            object.__setattr__(self, "product", as_format(self.product))
+        if self.chunk_accumulator is not None:
+            object.__setattr__(self, "chunk_accumulator", as_format(self.chunk_accumulator))
+        _check_int("chunk_size", self.chunk_size, 0, 2 ** 31 - 1)
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        _check_int("seed", self.seed, _INT64_MIN, _INT64_MAX)
+
+    @property
+    def effective_chunk_accumulator(self) -> FloatFormat:
+        return self.chunk_accumulator if self.chunk_accumulator is not None else self.accumulator
+
+    @property
+    def is_exact_float32(self) -> bool:
+        """True when this config computes the fused (fmaf) float32 dot product."""
+        return (self.accumulator == BINARY32 and self.product is None and self.chunk_size == 0
+                and self.rounding == "nearest_even")
+
+    def replace(self, **changes) -> "AccumConfig":
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        parts = [repr(self.accumulator)]
+        parts.append("exact products" if self.product is None else f"products {self.product!r}")
+        if self.chunk_size:
+            chunk = f"chunk {self.chunk_size}"
+            if self.chunk_accumulator is not None and self.chunk_accumulator != self.accumulator:
+                chunk += f" into {self.chunk_accumulator!r}"
+            parts.append(chunk)
+        else:
+            parts.append("sequential")
+        parts.append(_ROUNDING_PRETTY[self.rounding])
+        if self.rounding == "stochastic":
+            parts.append(f"seed {self.seed}")
+        return f"AccumConfig({', '.join(parts)})"
+
+    def to_dict(self) -> dict:
+        return {
+            "accumulator": self.accumulator.to_dict(),
+            "product": None if self.product is None else self.product.to_dict(),
+            "chunk_size": self.chunk_size,
+            "chunk_accumulator": (None if self.chunk_accumulator is None
+                                  else self.chunk_accumulator.to_dict()),
+            "rounding": self.rounding,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AccumConfig":
+        if isinstance(d, AccumConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"AccumConfig.from_dict expects a mapping, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown AccumConfig fields: {sorted(unknown)}")
+        return cls(**dict(d))
+
+    def kernel_attrs(self) -> dict:
+        """The attributes every accumulation op takes (see custom_ops/cc/ops/accum_ops.cc)."""
+        return {
+            "accumulator": self.accumulator.kernel_attr(),
+            "product": [] if self.product is None else self.product.kernel_attr(),
+            "chunk_size": self.chunk_size,
+            "chunk_accumulator": self.effective_chunk_accumulator.kernel_attr(),
+            "rounding": self.rounding,
+            "seed": self.seed,
+        }
+
+
+FLOAT32 = AccumConfig()  # exact products, binary32 partial sums: the fmaf loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumPolicy:
+    """One AccumConfig per training GEMM of a layer (numerics.md section 4).
+
+    Args:
+      fwd: the forward product (``y = x.w``).
+      bwd: the gradient with respect to the layer input (``dx = dy.w^T``).
+      grad: the gradient with respect to the weights (``dw = x^T.dy``).
+      operands: optional format each GEMM's two inputs are rounded to first
+        (nearest-even, straight-through gradient), e.g. FP8 E5M2 as in the paper.
+    """
+
+    fwd: AccumConfig = FLOAT32
+    bwd: AccumConfig = FLOAT32
+    grad: AccumConfig = FLOAT32
+    operands: Optional[FloatFormat] = None
+
+    def __post_init__(self):
+        for name in ("fwd", "bwd", "grad"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                value = AccumConfig.from_dict(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, AccumConfig):
+                raise TypeError(f"AccumPolicy.{name} must be an AccumConfig, "
+                                f"got {type(value).__name__}")
+        if self.operands is not None:
+            object.__setattr__(self, "operands", as_format(self.operands))
+
+    @classmethod
+    def uniform(cls, config: AccumConfig, operands: Optional[FloatFormat] = None) -> "AccumPolicy":
+        """The same config for all three GEMMs."""
+        return cls(fwd=config, bwd=config, grad=config, operands=operands)
+
+    def replace(self, **changes) -> "AccumPolicy":
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        ops = "" if self.operands is None else f", operands={self.operands!r}"
+        return f"AccumPolicy(fwd={self.fwd!r}, bwd={self.bwd!r}, grad={self.grad!r}{ops})"
+
+    def to_dict(self) -> dict:
+        return {
+            "fwd": self.fwd.to_dict(),
+            "bwd": self.bwd.to_dict(),
+            "grad": self.grad.to_dict(),
+            "operands": None if self.operands is None else self.operands.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AccumPolicy":
+        if isinstance(d, AccumPolicy):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"AccumPolicy.from_dict expects a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"fwd", "bwd", "grad", "operands"}
+        if unknown:
+            raise ValueError(f"unknown AccumPolicy fields: {sorted(unknown)}")
+        return cls(
+            fwd=AccumConfig.from_dict(d.get("fwd", FLOAT32.to_dict())),
+            bwd=AccumConfig.from_dict(d.get("bwd", FLOAT32.to_dict())),
+            grad=AccumConfig.from_dict(d.get("grad", FLOAT32.to_dict())),
+            operands=None if d.get("operands") is None else FloatFormat.from_dict(d["operands"]),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AccumPolicy":
+        return cls.from_dict(json.loads(text))
+
+
+FULL_PRECISION = AccumPolicy()
+
+
+def as_policy(value: Union[AccumPolicy, AccumConfig]) -> AccumPolicy:
+    """An AccumConfig applies to all three GEMMs; an AccumPolicy is returned as is."""
+    if isinstance(value, AccumPolicy):
+        return value
+    if isinstance(value, AccumConfig):
+        return AccumPolicy.uniform(value)
+    raise TypeError("expected a tfaccum.AccumConfig or tfaccum.AccumPolicy, "
+                    f"got {type(value).__name__}")

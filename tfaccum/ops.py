@@ -1,0 +1,279 @@
+"""The tfaccum TensorFlow ops: quantize, accum_matmul, accum_conv2d, and their gradients.
+
+Every op computes exactly what ``docs/numerics.md`` defines (and ``tfaccum.reference``
+computes in pure Python). Gradients are registered once, at import, for the raw ops:
+the gradient of a GEMM is two more GEMMs of the same op, accumulated with the policy's
+``bwd`` and ``grad`` configurations, which travel with the forward op in its ``policy``
+attribute.
+
+    >>> cfg = tfaccum.AccumConfig(accumulator=tfaccum.FloatFormat(6, 9), chunk_size=64)
+    >>> y = tfaccum.accum_matmul(a, b, cfg)          # every partial sum rounded to e6m9
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Sequence, Union
+
+import tensorflow as tf
+
+from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat, as_format, as_policy
+
+_LIBRARY_NAME = "_tfaccum_ops.so"
+_lock = threading.Lock()
+_library = None
+
+
+def load_library():
+    """Loads the compiled op library once (lazily) and returns its module of ops."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+                if not os.path.exists(path):
+                    raise ImportError(
+                        f"tfaccum's op library {path} is not built: run `make` (or "
+                        "`pip install --no-build-isolation -e .`) in the source tree")
+                _library = tf.load_op_library(path)
+    return _library
+
+
+ConfigOrPolicy = Union[AccumConfig, AccumPolicy]
+
+
+def _check_float32(name: str, x) -> tf.Tensor:
+    x = tf.convert_to_tensor(x) if not isinstance(x, (tf.Tensor, tf.Variable)) else x
+    if x.dtype != tf.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype.name}")
+    return x
+
+
+def _config_attrs(config: AccumConfig, policy: AccumPolicy) -> dict:
+    attrs = config.kernel_attrs()
+    attrs["policy"] = policy.to_json()
+    return attrs
+
+
+def _policy_of(op) -> AccumPolicy:
+    return AccumPolicy.from_json(op.get_attr("policy").decode())
+
+
+# --- quantize ---------------------------------------------------------------------------
+
+def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0, name=None) -> tf.Tensor:
+    """Rounds each element of float32 ``x`` once to ``fmt`` (straight-through gradient).
+
+    ``fmt`` is a FloatFormat, a preset name ("bfloat16") or "e<E>m<M>". The stochastic
+    generator's element index is the flat row-major index, counter 0.
+    """
+    fmt = as_format(fmt)
+    config = AccumConfig(rounding=rounding, seed=seed)  # validates rounding and seed
+    x = _check_float32("x", x)
+    return load_library().tfaccum_quantize(
+        x, format=fmt.kernel_attr(), rounding=config.rounding, seed=config.seed, name=name)
+
+
+@tf.RegisterGradient("TfaccumQuantize")
+def _quantize_grad(op, dy):
+    del op
+    return dy  # straight-through
+
+
+def _quantize_operands(policy: AccumPolicy, *tensors):
+    if policy.operands is None:
+        return tensors
+    return tuple(quantize(t, policy.operands) for t in tensors)
+
+
+# --- matmul -----------------------------------------------------------------------------
+
+def _raw_matmul(a, b, config: AccumConfig, policy: AccumPolicy, transpose_a=False,
+                transpose_b=False, name=None):
+    return load_library().tfaccum_mat_mul(
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b, name=name,
+        **_config_attrs(config, policy))
+
+
+def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = False,
+                 transpose_b: bool = False, name=None) -> tf.Tensor:
+    """``a·b`` (or with transposed operands) with rounded accumulation.
+
+    Args:
+      a: float32 ``[M, K]`` (``[K, M]`` if ``transpose_a``).
+      b: float32 ``[K, N]`` (``[N, K]`` if ``transpose_b``).
+      config_or_policy: an AccumConfig (used for all three training GEMMs) or an
+        AccumPolicy (``fwd`` here; ``bwd`` for ``da = dy·bᵀ``; ``grad`` for
+        ``db = aᵀ·dy``; ``operands`` rounds each GEMM's inputs first).
+
+    Returns: float32 ``[M, N]``; ``y[i, j]`` sums ``k = 0..K-1`` in order.
+    """
+    policy = as_policy(config_or_policy)
+    a = _check_float32("a", a)
+    b = _check_float32("b", b)
+    for label, t in (("a", a), ("b", b)):
+        if t.shape.rank is not None and t.shape.rank != 2:
+            raise ValueError(f"{label} must be a matrix (rank 2), got shape {t.shape}")
+    a, b = _quantize_operands(policy, a, b)
+    return _raw_matmul(a, b, policy.fwd, policy, transpose_a, transpose_b, name=name)
+
+
+@tf.RegisterGradient("TfaccumMatMul")
+def _matmul_grad(op, dy):
+    """da = dy·Bᵀ (summed over N, ``bwd``); db = Aᵀ·dy (summed over M, ``grad``).
+
+    Each gradient is produced directly in its operand's stored layout by choosing the
+    transposes, so the element index of the generator is the flat index of da / db.
+    """
+    policy = _policy_of(op)
+    a, b = op.inputs
+    ta, tb = op.get_attr("transpose_a"), op.get_attr("transpose_b")
+    (dy_q,) = _quantize_operands(policy, dy)
+    if ta:   # da [K, M] = B·dyᵀ
+        da = _raw_matmul(b, dy_q, policy.bwd, policy, transpose_a=tb, transpose_b=True)
+    else:    # da [M, K] = dy·Bᵀ
+        da = _raw_matmul(dy_q, b, policy.bwd, policy, transpose_a=False, transpose_b=not tb)
+    if tb:   # db [N, K] = dyᵀ·A
+        db = _raw_matmul(dy_q, a, policy.grad, policy, transpose_a=True, transpose_b=ta)
+    else:    # db [K, N] = Aᵀ·dy
+        db = _raw_matmul(a, dy_q, policy.grad, policy, transpose_a=not ta, transpose_b=False)
+    return da, db
+
+
+# --- conv2d -----------------------------------------------------------------------------
+
+def _pair(name: str, value) -> tuple:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        value = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(value) == 4:  # TensorFlow style [1, h, w, 1]
+        if value[0] != 1 or value[3] != 1:
+            raise ValueError(f"{name} over batch or channels are not supported, got {value}")
+        value = value[1:3]
+    if len(value) != 2:
+        raise ValueError(f"{name} must have 2 entries (height, width), got {value}")
+    if any(v <= 0 for v in value):
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _padding_attrs(padding) -> dict:
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID' or [(top, bottom), (left, "
+                             f"right)], got {padding!r}")
+        return {"padding": mode, "explicit_paddings": []}
+    try:
+        pads = [tuple(int(v) for v in pair) for pair in padding]
+    except TypeError:
+        raise ValueError(f"explicit padding must be [(top, bottom), (left, right)], "
+                         f"got {padding!r}") from None
+    if len(pads) == 4:  # TensorFlow style [[0, 0], [t, b], [l, r], [0, 0]]
+        if pads[0] != (0, 0) or pads[3] != (0, 0):
+            raise ValueError(f"padding of batch or channels is not supported: {padding!r}")
+        pads = pads[1:3]
+    if len(pads) != 2 or any(len(p) != 2 for p in pads):
+        raise ValueError(f"explicit padding must be [(top, bottom), (left, right)], "
+                         f"got {padding!r}")
+    flat = [v for p in pads for v in p]
+    if any(v < 0 for v in flat):
+        raise ValueError(f"explicit padding must be non-negative, got {padding!r}")
+    return {"padding": "EXPLICIT", "explicit_paddings": flat}
+
+
+def _conv_attrs(op) -> dict:
+    return {
+        "strides": op.get_attr("strides"),
+        "dilations": op.get_attr("dilations"),
+        "padding": op.get_attr("padding").decode(),
+        "explicit_paddings": op.get_attr("explicit_paddings"),
+    }
+
+
+def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
+                 padding: Union[str, Sequence] = "SAME", dilations=(1, 1),
+                 data_format: str = "NHWC", name=None) -> tf.Tensor:
+    """2-D convolution (cross-correlation, as ``tf.nn.convolution``) with rounded accumulation.
+
+    Args:
+      x: float32 ``[B, H, W, Cin]`` (NHWC only).
+      w: float32 ``[KH, KW, Cin, Cout]``.
+      config_or_policy: AccumConfig or AccumPolicy (fwd / bwd = input gradient /
+        grad = filter gradient).
+      strides, dilations: an int or ``(h, w)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``[(top, bottom), (left, right)]``.
+
+    ``y[b, oy, ox, co]`` sums ``(ky, kx, ci)`` in row-major order; taps outside the
+    image are exact zero products that count in the length and chunk boundaries.
+    """
+    if data_format != "NHWC":
+        raise ValueError(f"accum_conv2d supports data_format='NHWC' only, got {data_format!r}; "
+                         "transpose to NHWC first")
+    policy = as_policy(config_or_policy)
+    x = _check_float32("x", x)
+    w = _check_float32("w", w)
+    if x.shape.rank is not None and x.shape.rank != 4:
+        raise ValueError(f"x must be NHWC (rank 4), got shape {x.shape}")
+    if w.shape.rank is not None and w.shape.rank != 4:
+        raise ValueError(f"w must be [KH, KW, Cin, Cout] (rank 4), got shape {w.shape}")
+    cin_x, cin_w = x.shape[-1], w.shape[2] if w.shape.rank == 4 else None
+    if cin_x is not None and cin_w is not None and cin_x != cin_w:
+        if cin_w and cin_x % cin_w == 0:
+            raise ValueError(f"grouped convolution (x has {cin_x} channels, w expects "
+                             f"{cin_w}) is not supported")
+        raise ValueError(f"channel mismatch: x has {cin_x} input channels, w expects {cin_w}")
+    attrs = _padding_attrs(padding)
+    sh, sw = _pair("strides", strides)
+    dh, dw = _pair("dilations", dilations)
+    x, w = _quantize_operands(policy, x, w)
+    return load_library().tfaccum_conv2d(
+        x, w, strides=[sh, sw], dilations=[dh, dw], name=name,
+        **attrs, **_config_attrs(policy.fwd, policy))
+
+
+@tf.RegisterGradient("TfaccumConv2D")
+def _conv2d_grad(op, dy):
+    policy = _policy_of(op)
+    x, w = op.inputs
+    (dy_q,) = _quantize_operands(policy, dy)
+    lib = load_library()
+    conv = _conv_attrs(op)
+    dx = lib.tfaccum_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), w, dy_q, **conv, **_config_attrs(policy.bwd, policy))
+    dw = lib.tfaccum_conv2d_backprop_filter(
+        x, tf.shape(w, out_type=tf.int32), dy_q, **conv, **_config_attrs(policy.grad, policy))
+    return dx, dw
+
+
+@tf.RegisterGradient("TfaccumConv2DBackpropInput")
+def _conv2d_backprop_input_grad(op, ddx):
+    """Second order: dx = conv_transpose(dy, w) is linear in dy and w."""
+    policy = _policy_of(op)
+    _, w, dy = op.inputs
+    lib = load_library()
+    conv = _conv_attrs(op)
+    d_dy = lib.tfaccum_conv2d(ddx, w, **conv, **_config_attrs(policy.fwd, policy))
+    d_w = lib.tfaccum_conv2d_backprop_filter(
+        ddx, tf.shape(w, out_type=tf.int32), dy, **conv, **_config_attrs(policy.grad, policy))
+    return None, d_w, d_dy
+
+
+@tf.RegisterGradient("TfaccumConv2DBackpropFilter")
+def _conv2d_backprop_filter_grad(op, ddw):
+    policy = _policy_of(op)
+    x, _, dy = op.inputs
+    lib = load_library()
+    conv = _conv_attrs(op)
+    d_x = lib.tfaccum_conv2d_backprop_input(
+        tf.shape(x, out_type=tf.int32), ddw, dy, **conv, **_config_attrs(policy.bwd, policy))
+    d_dy = lib.tfaccum_conv2d(x, ddw, **conv, **_config_attrs(policy.fwd, policy))
+    return d_x, None, d_dy
+
+
+__all__ = ["quantize", "accum_matmul", "accum_conv2d", "load_library", "AccumConfig",
+           "AccumPolicy", "FloatFormat"]

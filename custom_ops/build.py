@@ -38,6 +38,7 @@ def cuda_home():
 
 
 def tf_flags():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: WPS433 (deliberately late: only the build needs TF)
 
     return list(tf.sysconfig.get_compile_flags()), list(tf.sysconfig.get_link_flags())

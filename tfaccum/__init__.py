@@ -27,15 +27,13 @@ from tfaccum.config import (  # noqa: F401
 )
 from tfaccum.ops import accum_conv2d, accum_matmul, quantize  # noqa: F401
 
+from tfaccum import layers  # noqa: E402,F401  (registers the layers with Keras, for loading)
+from tfaccum.rewriting import accumulation_scope, rewrite, summary  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
-# Keras-facing parts import lazily so that `import tfaccum` stays light and the
-# numerics core works without them.
+# Submodules that need more than TensorFlow and Keras load on first use.
 _LAZY = {
-    "layers": ("tfaccum.layers", None),
-    "rewrite": ("tfaccum.rewrite", "rewrite"),
-    "summary": ("tfaccum.rewrite", "summary"),
-    "accumulation_scope": ("tfaccum.rewrite", "accumulation_scope"),
     "reference": ("tfaccum.reference", None),
     "analysis": ("tfaccum.analysis", None),
     "models": ("tfaccum.models", None),

@@ -136,10 +136,11 @@ class FloatFormat:
                 int(self.overflow == "inf")]
 
 
-# Named presets.
-BINARY32 = FloatFormat(8, 23)
-BINARY16 = FloatFormat(5, 10)
-BFLOAT16 = FloatFormat(8, 7)
+# Named presets. The IEEE formats overflow to Inf like their namesakes, so that the
+# default configuration is exactly float32 arithmetic; FP8 presets saturate.
+BINARY32 = FloatFormat(8, 23, overflow="inf")
+BINARY16 = FloatFormat(5, 10, overflow="inf")
+BFLOAT16 = FloatFormat(8, 7, overflow="inf")
 FP8_E5M2 = FloatFormat(5, 2)
 FP8_E4M3 = FloatFormat(4, 3)
 PRESETS = {

@@ -9,11 +9,47 @@
 #include "gemm_engine.h"
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace tfaccum {
 namespace {
+
+// TensorFlow runs kernels with flush-to-zero and denormals-are-zero set, which would turn
+// float32 subnormal operands and results into zeros. The model needs gradual underflow,
+// so every thread of the engine runs under this guard.
+class KeepDenormals {
+ public:
+  KeepDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ & ~(0x8000u | 0x0040u));  // clear FTZ (bit 15) and DAZ (bit 6)
+#elif defined(__aarch64__)
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(cleared));
+#endif
+  }
+  ~KeepDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  KeepDenormals(const KeepDenormals&) = delete;
+  KeepDenormals& operator=(const KeepDenormals&) = delete;
+
+ private:
+#if defined(__aarch64__)
+  uint64_t saved_ = 0;
+#else
+  unsigned int saved_ = 0;
+#endif
+};
 
 constexpr int kTileRows = 4;
 constexpr int kTileVecs = 2;                  // vectors of kLanes outputs per tile row
@@ -26,7 +62,7 @@ using TileU = VecU[kTileRows][kTileVecs];
 
 // Accumulates one tile. a_panel: kTileRows x K; b_packed: K x ldb, starting at the
 // tile's first column. keys: the generator key of each output (stochastic only).
-template <int R, bool kRoundedProducts, bool kFinite>
+template <int R, bool kRoundedProducts>
 TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
                                    const double* __restrict a_panel,
                                    const double* __restrict b_packed, int64_t ldb,
@@ -50,10 +86,10 @@ TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
         for (int v = 0; v < kTileVecs; ++v) {
           VecD p = a * b_row[v];  // exact
           if (kRoundedProducts) {
-            p = quantize<R, kFinite>(p, params.product,
+            p = quantize<R>(p, params.product,
                             kRandom ? random_bits24(keys[r][v], product_counter(k)) : no_bits);
           }
-          partial[r][v] = accumulate<R, kFinite>(
+          partial[r][v] = accumulate<R>(
               partial[r][v], p, params.accumulator,
               kRandom ? random_bits24(keys[r][v], accumulate_counter(k)) : no_bits);
         }
@@ -61,7 +97,7 @@ TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
     }
     for (int r = 0; r < kTileRows; ++r)
       for (int v = 0; v < kTileVecs; ++v) {
-        total[r][v] = chunked ? accumulate<R, kFinite>(total[r][v], partial[r][v],
+        total[r][v] = chunked ? accumulate<R>(total[r][v], partial[r][v],
                                               params.chunk_accumulator,
                                               kRandom ? random_bits24(keys[r][v],
                                                                       chunk_counter(chunk_index))
@@ -81,7 +117,6 @@ struct TileJob {
   int64_t ldb;
   const TileU* keys;
   TileD* out;
-  bool finite;  // finite operands and only finite-safe formats: skip special-value checks
 };
 
 // The only function compiled per instruction set; everything it calls is inlined.
@@ -89,21 +124,17 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   const AccumParams& p = *job.params;
   const TileU& keys = *job.keys;
   TileD& out = *job.out;
-  // One instantiation per rounding mode, product handling and range handling.
-#define TFACCUM_TILE(R, PRODUCT, FINITE)                                                \
-  AccumulateTile<R, PRODUCT, FINITE>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, \
-                                     out)
-#define TFACCUM_TILE_BY_RANGE(R, PRODUCT) \
-  return job.finite ? TFACCUM_TILE(R, PRODUCT, true) : TFACCUM_TILE(R, PRODUCT, false)
+  // One instantiation per rounding mode and product handling.
+#define TFACCUM_TILE(R, PRODUCT) \
+  return AccumulateTile<R, PRODUCT>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, out)
   switch (p.rounding * 2 + (p.has_product ? 1 : 0)) {
-    case kNearestEven * 2: TFACCUM_TILE_BY_RANGE(kNearestEven, false);
-    case kNearestEven * 2 + 1: TFACCUM_TILE_BY_RANGE(kNearestEven, true);
-    case kTowardZero * 2: TFACCUM_TILE_BY_RANGE(kTowardZero, false);
-    case kTowardZero * 2 + 1: TFACCUM_TILE_BY_RANGE(kTowardZero, true);
-    case kStochastic * 2: TFACCUM_TILE_BY_RANGE(kStochastic, false);
-    default: TFACCUM_TILE_BY_RANGE(kStochastic, true);
+    case kNearestEven * 2: TFACCUM_TILE(kNearestEven, false);
+    case kNearestEven * 2 + 1: TFACCUM_TILE(kNearestEven, true);
+    case kTowardZero * 2: TFACCUM_TILE(kTowardZero, false);
+    case kTowardZero * 2 + 1: TFACCUM_TILE(kTowardZero, true);
+    case kStochastic * 2: TFACCUM_TILE(kStochastic, false);
+    default: TFACCUM_TILE(kStochastic, true);
   }
-#undef TFACCUM_TILE_BY_RANGE
 #undef TFACCUM_TILE
 }
 
@@ -119,24 +150,19 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
 
   // B in binary64, zero-padded to whole tiles (padding columns are computed, then dropped).
   std::vector<double> b_packed(static_cast<size_t>(std::max<int64_t>(K, 1) * ldb), 0.0);
-  std::atomic<bool> b_finite{true};
   parallel_for(K, N * 2, [&](int64_t k_begin, int64_t k_end) {
-    bool finite = true;
+    KeepDenormals keep_denormals;
     for (int64_t k = k_begin; k < k_end; ++k)
-      for (int64_t j = 0; j < N; ++j) {
-        const float value = b[k * b_stride_k + j * b_stride_n];
-        finite &= __builtin_isfinite(value);
-        b_packed[k * ldb + j] = static_cast<double>(value);
-      }
-    if (!finite) b_finite = false;
+      for (int64_t j = 0; j < N; ++j)
+        b_packed[k * ldb + j] = static_cast<double>(b[k * b_stride_k + j * b_stride_n]);
   });
-  const bool finite_safe = params.finite_safe && b_finite;
 
   const bool stochastic = params.rounding == kStochastic;
   const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
   // Roughly 30 vector instructions per product per 8 lanes.
   const int64_t cost_per_row_tile = std::max<int64_t>(1, K) * ldb * kTileRows * 4;
   parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end) {
+    KeepDenormals keep_denormals;
     std::vector<double> panel(static_cast<size_t>(kTileRows * std::max<int64_t>(K, 1)));
     TileU keys = {};
     TileD out;
@@ -145,8 +171,6 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
       std::fill(panel.begin(), panel.end(), 0.0);
       if (K > 0) gather_a(row0, rows, panel.data());
-      bool finite = finite_safe;
-      for (const double value : panel) finite &= __builtin_isfinite(value);
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
         const int64_t col0 = ct * kTileCols;
         if (stochastic) {
@@ -155,7 +179,7 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
               keys[r][w / kLanes][w % kLanes] = element_key(
                   params.seed, element_offset + static_cast<uint64_t>((row0 + r) * N + col0 + w));
         }
-        TileJob job{&params, K, panel.data(), b_packed.data() + col0, ldb, &keys, &out, finite};
+        TileJob job{&params, K, panel.data(), b_packed.data() + col0, ldb, &keys, &out};
         RunTile(job);
         const int64_t cols = std::min<int64_t>(kTileCols, N - col0);
         for (int64_t r = 0; r < rows; ++r)
@@ -182,6 +206,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
                    int32_t rounding, uint64_t seed, const ParallelFor& parallel_for) {
   parallel_for(n, 40, [&](int64_t begin, int64_t end) {
+    KeepDenormals keep_denormals;
     QuantizeRange(x, y, begin, end, format, rounding, seed);
   });
 }

@@ -67,7 +67,6 @@ struct AccumParams {
   int32_t rounding;      // Rounding
   int64_t chunk_size;    // 0: sequential
   uint64_t seed;
-  int32_t finite_safe;   // every format used is finite-safe (see is_finite_safe)
 };
 
 // ---- Lane-generic primitives ---------------------------------------------------------
@@ -192,7 +191,7 @@ TFACCUM_HD uint64_t chunk_counter(int64_t j) { return 3 * static_cast<uint64_t>(
 // C = 1.5 * 2^(E - m + 52) has ulp u and |x| < C/3, so the binary64 sum x + C is x
 // rounded once to nearest-even on that grid (C is an even multiple of u), and
 // (x + C) - C recovers it exactly.
-template <int R, bool kFinite = false, class D, class U>
+template <int R, class D, class U>
 TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
   const U x_bits = to_bits(x);
   const U exponent = x_bits & 0x7ff0000000000000ULL;                   // E_field << 52
@@ -218,18 +217,12 @@ TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
     }
   }
   const D magnitude = abs_d(r);
-  if (kFinite) {  // the caller guarantees finite x, subnormals on and saturation
-    return select(magnitude > f.max_value, copysign_d(D{} + f.max_value, x), r);
-  }
   r = select(magnitude < f.flush_below, copysign_d(D{}, r), r);
   r = select(magnitude > f.max_value, copysign_d(D{} + f.overflow_value, x), r);
   const U special = U{} + 0x7ff0000000000000ULL;
   return select(exponent == special, x, r);  // NaN and Inf pass through
 }
 
-// True when quantize<R, true> may be used for every value this format will see, given
-// finite inputs: no flushing and no overflow to infinity.
-inline bool is_finite_safe(const Format& f) { return f.subnormals && !f.overflow_inf; }
 
 // Runtime-dispatched form, for code that is not in a hot loop.
 TFACCUM_HD double quantize_any(double x, const FormatParams& f, int32_t rounding,
@@ -257,9 +250,9 @@ TFACCUM_HD D add_round_to_odd(D s, D p) {
 }
 
 // One accumulation step: Q_F(s + p) of the exact sum.
-template <int R, bool kFinite = false, class D, class U>
+template <int R, class D, class U>
 TFACCUM_HD D accumulate(D s, D p, const FormatParams& f, U rbits) {
-  return quantize<R, kFinite>(add_round_to_odd(s, p), f, rbits);
+  return quantize<R>(add_round_to_odd(s, p), f, rbits);
 }
 
 }  // namespace tfaccum

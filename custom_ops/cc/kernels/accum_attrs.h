@@ -69,8 +69,6 @@ inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
   params->chunk_accumulator = make_format_params(chunk, params->rounding);
   params->chunk_size = chunk_size;
   params->seed = static_cast<uint64_t>(seed);
-  params->finite_safe = is_finite_safe(acc) && is_finite_safe(chunk) &&
-                        (!params->has_product || is_finite_safe(prod));
   return absl::OkStatus();
 }
 

@@ -3,6 +3,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "../conv_geometry.h"
 
 namespace tfaccum {
 
@@ -56,5 +57,109 @@ REGISTER_OP("TfaccumMatMul")
       return absl::OkStatus();
     })
     .Doc("Matrix product whose dot products accumulate as docs/numerics.md defines.");
+
+// The convolution attributes; strides and dilations are (height, width).
+#define TFACCUM_CONV_ATTRS                                   \
+  Attr("strides: list(int) = [1, 1]")                        \
+      .Attr("dilations: list(int) = [1, 1]")                 \
+      .Attr("padding: {'SAME', 'VALID', 'EXPLICIT'} = 'SAME'") \
+      .Attr("explicit_paddings: list(int) = []")
+
+namespace {
+
+absl::Status ReadConvAttrs(InferenceContext* c, int64_t* sh, int64_t* sw, int64_t* dh,
+                           int64_t* dw, ConvPadding* padding, std::vector<int64_t>* pads) {
+  std::vector<int32_t> strides, dilations;
+  std::string mode;
+  TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
+  TF_RETURN_IF_ERROR(c->GetAttr("dilations", &dilations));
+  TF_RETURN_IF_ERROR(c->GetAttr("padding", &mode));
+  TF_RETURN_IF_ERROR(c->GetAttr("explicit_paddings", pads));
+  if (strides.size() != 2 || dilations.size() != 2)
+    return absl::InvalidArgumentError("strides and dilations must have 2 entries (h, w)");
+  *sh = strides[0], *sw = strides[1], *dh = dilations[0], *dw = dilations[1];
+  *padding = mode == "SAME" ? kPaddingSame : mode == "VALID" ? kPaddingValid : kPaddingExplicit;
+  if (*padding == kPaddingExplicit && pads->size() != 4)
+    return absl::InvalidArgumentError("explicit_paddings must be [top, bottom, left, right]");
+  if (*padding != kPaddingExplicit) pads->assign(4, 0);
+  return absl::OkStatus();
+}
+
+// One output spatial size, or unknown when the input size is unknown.
+absl::Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k, int64_t stride,
+                       int64_t dilation, ConvPadding padding, int64_t before, int64_t after,
+                       DimensionHandle* out) {
+  if (!c->ValueKnown(in) || k < 0) {
+    *out = c->UnknownDim();
+    return absl::OkStatus();
+  }
+  int64_t size = 0, pad = 0;
+  if (stride <= 0 || dilation <= 0)
+    return absl::InvalidArgumentError("strides and dilations must be positive");
+  if (const char* e = WindowedOutputSize(c->Value(in), k, stride, dilation, padding, before,
+                                         after, &size, &pad))
+    return absl::InvalidArgumentError(e);
+  *out = c->MakeDim(size);
+  return absl::OkStatus();
+}
+
+absl::Status Conv2DShape(InferenceContext* c) {
+  ShapeHandle x, w;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &w));
+  DimensionHandle unused;
+  TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 3), c->Dim(w, 2), &unused));
+  int64_t sh = 1, sw = 1, dh = 1, dw = 1;
+  ConvPadding padding = kPaddingSame;
+  std::vector<int64_t> pads;
+  TF_RETURN_IF_ERROR(ReadConvAttrs(c, &sh, &sw, &dh, &dw, &padding, &pads));
+  const int64_t kh = c->ValueKnown(c->Dim(w, 0)) ? c->Value(c->Dim(w, 0)) : -1;
+  const int64_t kw = c->ValueKnown(c->Dim(w, 1)) ? c->Value(c->Dim(w, 1)) : -1;
+  DimensionHandle oh, ow;
+  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), kh, sh, dh, padding, pads[0], pads[1], &oh));
+  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), kw, sw, dw, padding, pads[2], pads[3], &ow));
+  c->set_output(0, c->MakeShape({c->Dim(x, 0), oh, ow, c->Dim(w, 3)}));
+  return absl::OkStatus();
+}
+
+// The backprop ops output a tensor of the shape given by their int32 size input.
+absl::Status ShapeFromSizes(InferenceContext* c, int sizes_input) {
+  ShapeHandle s;
+  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(sizes_input, &s));
+  TF_RETURN_IF_ERROR(c->WithRank(s, 4, &s));
+  c->set_output(0, s);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("TfaccumConv2D")
+    .Input("input: float")
+    .Input("filter: float")
+    .Output("output: float")
+    .TFACCUM_CONV_ATTRS
+    .TFACCUM_ACCUM_ATTRS
+    .SetShapeFn(Conv2DShape)
+    .Doc("NHWC convolution; y[b,oy,ox,co] sums (ky, kx, ci) in row-major order.");
+
+REGISTER_OP("TfaccumConv2DBackpropInput")
+    .Input("input_sizes: int32")
+    .Input("filter: float")
+    .Input("out_backprop: float")
+    .Output("output: float")
+    .TFACCUM_CONV_ATTRS
+    .TFACCUM_ACCUM_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ShapeFromSizes(c, 0); })
+    .Doc("Input gradient; dx[b,iy,ix,ci] sums (ky, kx, co) in row-major order.");
+
+REGISTER_OP("TfaccumConv2DBackpropFilter")
+    .Input("input: float")
+    .Input("filter_sizes: int32")
+    .Input("out_backprop: float")
+    .Output("output: float")
+    .TFACCUM_CONV_ATTRS
+    .TFACCUM_ACCUM_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return ShapeFromSizes(c, 1); })
+    .Doc("Filter gradient; dw[ky,kx,ci,co] sums (b, oy, ox) in row-major order.");
 
 }  // namespace tfaccum

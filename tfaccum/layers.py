@@ -1,0 +1,208 @@
+"""Keras layers whose GEMMs accumulate in narrow floats.
+
+``AccumDense`` and ``AccumConv2D`` are drop-in versions of ``keras.layers.Dense`` and
+``keras.layers.Conv2D`` (subclasses, so every feature and ``isinstance`` check of the
+originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
+and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`::
+
+    >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
+    >>> layer = tfaccum.layers.AccumDense(10, activation="relu", policy=policy)
+
+The three GEMMs of each layer (numerics.md section 5), with ``B`` the batch size:
+
+==============  ==========================  ==============  ==========================
+layer           FWD ``y = x.w``             BWD ``dx``      GRAD ``dw``
+==============  ==========================  ==============  ==========================
+AccumDense      ``in_features``             ``units``       ``B`` x extra leading dims
+AccumConv2D     ``KH.KW.Cin/groups``        ``KH.KW.Cout/groups``   ``B.OH.OW``
+==============  ==========================  ==============  ==========================
+
+Bias additions and activations are ordinary float32 (or the layer's compute dtype).
+Operands in another compute dtype (mixed precision) are cast to float32 for the GEMM and
+the result is cast back. ``Dense`` on inputs of rank above 2 reshapes them to 2-D so that
+the GEMM is one ``[B*..., in] x [in, units]`` product. ``Conv2D`` with
+``data_format="channels_first"`` is transposed to NHWC around the op (the order of each
+sum is unchanged); ``groups > 1`` runs one op per group.
+
+Both layers set ``supports_jit = False`` (XLA has no kernel for the tfaccum ops), carry
+their policy in ``get_config()`` (as ``AccumPolicy.to_dict()``) and are registered with
+Keras under the package ``"tfaccum"``, so a ``.keras`` file loads in a fresh process once
+``tfaccum`` is imported. Keras' own weight quantization (``layer.quantize("int8")``)
+is not available on these layers: use ``AccumPolicy(operands=...)`` to round the GEMM
+inputs instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import keras
+import tensorflow as tf
+
+import tfaccum
+from tfaccum.config import FULL_PRECISION, AccumConfig, AccumPolicy, as_policy
+
+__all__ = ["AccumDense", "AccumConv2D", "coerce_policy", "TWINS"]
+
+PolicyLike = Union[AccumPolicy, AccumConfig, Mapping[str, Any]]
+
+
+def coerce_policy(value: Optional[PolicyLike], *, what: str = "policy") -> AccumPolicy:
+    """An AccumPolicy from an AccumPolicy, an AccumConfig (all three GEMMs) or a dict.
+
+    ``None`` gives the policy of the innermost active ``tfaccum.accumulation_scope``, or
+    the full-precision policy outside any scope.
+    """
+    if value is None:
+        from tfaccum.rewriting import current_scope_policy  # noqa: WPS433 (cycle)
+
+        scoped = current_scope_policy()
+        return FULL_PRECISION if scoped is None else scoped
+    if isinstance(value, Mapping):
+        return AccumPolicy.from_dict(value)
+    if isinstance(value, (AccumPolicy, AccumConfig)):
+        return as_policy(value)
+    raise TypeError(f"{what} must be a tfaccum.AccumPolicy, a tfaccum.AccumConfig or a dict "
+                    f"from AccumPolicy.to_dict(), got {type(value).__name__}")
+
+
+class _AccumMixin:
+    """The policy attribute, serialization and guards shared by the tfaccum layers."""
+
+    def _keras_default_name(self, kwargs):
+        # Inside accumulation_scope, keras.layers.Dense(...) gets the name a Dense would.
+        base = vars(self).pop("_tfaccum_keras_name", None)
+        if base is not None and kwargs.get("name") is None:
+            from keras.src.utils.naming import auto_name
+
+            kwargs["name"] = auto_name(base)
+        return kwargs
+
+    def _init_accum(self, policy):
+        self._accum_policy = coerce_policy(policy)
+        # Keras turns XLA on whenever a GPU is visible; XLA has no kernel for our ops.
+        self.supports_jit = False
+        if self.quantization_mode is not None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' cannot use the Keras quantized dtype "
+                f"policy {self.dtype_policy.name!r}; use AccumPolicy(operands=...) to round "
+                "the GEMM inputs instead")
+
+    @property
+    def policy(self) -> AccumPolicy:
+        """The layer's AccumPolicy (FWD, BWD and GRAD configs, optional operand format).
+
+        Assigning a new policy takes effect in functions traced afterwards: recompile
+        the model (``model.compile(...)``) after changing it on a model already trained.
+        """
+        return self._accum_policy
+
+    @policy.setter
+    def policy(self, value: PolicyLike):
+        if value is None:
+            raise TypeError("policy must be a tfaccum.AccumPolicy or AccumConfig, got None")
+        self._accum_policy = coerce_policy(value)
+
+    def get_config(self):
+        config = super().get_config()
+        config["policy"] = self._accum_policy.to_dict()
+        return config
+
+    def quantize(self, mode=None, config=None, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support Keras quantization ({mode!r}); round "
+            "the GEMM inputs with tfaccum.AccumPolicy(operands=...) instead")
+
+    def _as_float32(self, tensor):
+        tensor = tf.convert_to_tensor(tensor)
+        return tensor if tensor.dtype == tf.float32 else tf.cast(tensor, tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumDense(_AccumMixin, keras.layers.Dense):
+    """``keras.layers.Dense`` whose product ``inputs . kernel`` goes through
+    ``tfaccum.accum_matmul`` under ``policy``.
+
+    Args:
+      units, ...: exactly those of ``keras.layers.Dense``.
+      policy: a ``tfaccum.AccumPolicy`` (FWD/BWD/GRAD configs), an ``AccumConfig`` used
+        for all three GEMMs, or a dict from ``AccumPolicy.to_dict()``. ``None`` takes the
+        policy of the enclosing ``tfaccum.accumulation_scope`` (full precision outside).
+
+    An input of shape ``[B, d1, ..., in]`` is multiplied as a ``[B*d1*..., in]`` matrix:
+    FWD sums ``in`` products, BWD ``units`` and GRAD ``B*d1*...``.
+    """
+
+    def __init__(self, units, *args, policy: Optional[PolicyLike] = None, **kwargs):
+        super().__init__(units, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def call(self, inputs, training=None):
+        if isinstance(inputs, tf.SparseTensor):
+            inputs = tf.sparse.to_dense(inputs)
+        kernel = self._as_float32(self.kernel)
+        x = self._as_float32(inputs)
+        in_features = kernel.shape[0]
+        if x.shape.rank == 2:
+            y = tfaccum.accum_matmul(x, kernel, self._accum_policy)
+        else:
+            lead = tf.shape(x)[:-1]
+            y = tfaccum.accum_matmul(tf.reshape(x, [-1, in_features]), kernel,
+                                     self._accum_policy)
+            y = tf.reshape(y, tf.concat([lead, [self.units]], axis=0))
+            y.set_shape(x.shape[:-1].concatenate([self.units]))
+        if y.dtype != self.compute_dtype:
+            y = tf.cast(y, self.compute_dtype)
+        if self.bias is not None:
+            y = keras.ops.add(y, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose convolution goes through ``tfaccum.accum_conv2d``
+    under ``policy``.
+
+    Args:
+      filters, kernel_size, ...: exactly those of ``keras.layers.Conv2D`` (strides,
+        ``"valid"``/``"same"`` padding, dilation, both data formats, groups).
+      policy: as for :class:`AccumDense`.
+
+    FWD sums ``KH*KW*Cin/groups`` products per output, BWD ``KH*KW*Cout/groups`` and
+    GRAD ``B*OH*OW``.
+    """
+
+    def __init__(self, filters, kernel_size, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(filters, kernel_size, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def convolution_op(self, inputs, kernel):
+        out_dtype = inputs.dtype
+        x = self._as_float32(inputs)
+        w = self._as_float32(kernel)
+        channels_first = self.data_format == "channels_first"
+        if channels_first:
+            x = tf.transpose(x, [0, 2, 3, 1])
+
+        def conv(xi, wi):
+            return tfaccum.accum_conv2d(xi, wi, self._accum_policy, strides=tuple(self.strides),
+                                        padding=self.padding.upper(),
+                                        dilations=tuple(self.dilation_rate))
+
+        if self.groups == 1:
+            y = conv(x, w)
+        else:
+            # Each group is an independent convolution over Cin/groups channels.
+            y = tf.concat([conv(xi, wi) for xi, wi in zip(tf.split(x, self.groups, axis=-1),
+                                                         tf.split(w, self.groups, axis=-1))],
+                          axis=-1)
+        if channels_first:
+            y = tf.transpose(y, [0, 3, 1, 2])
+        return y if y.dtype == out_dtype else tf.cast(y, out_dtype)
+
+
+#: The exact Keras class each tfaccum layer stands in for.
+TWINS = {keras.layers.Dense: AccumDense, keras.layers.Conv2D: AccumConv2D}

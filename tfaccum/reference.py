@@ -1,0 +1,686 @@
+r"""Exact pure-Python reference of everything tfaccum computes.
+
+This module is the executable form of ``docs/numerics.md``. It is written to be *obviously*
+right rather than fast: every product and every sum is an exact rational number
+(:class:`fractions.Fraction`), and there is exactly one rounding function,
+:func:`round_to_format`, which rounds an exact rational once, straight from the definitions.
+It shares no code and no tricks with the C++/CUDA kernels (which hold partial sums in
+binary64 and round to odd); the tests use it as an independent oracle for them.
+
+Formats
+-------
+A format ``F = (e, m)`` (:class:`tfaccum.FloatFormat`) has a sign, ``e`` exponent bits and
+``m`` fraction bits. With bias ``b = 2^(e-1) - 1`` its normal values are ``±1.f × 2^E``,
+``E ∈ [emin, emax] = [1-b, b]``, its subnormals ``±0.f × 2^emin`` and its largest finite
+value ``max = (2 - 2^-m) × 2^emax``. Every format is a subset of float32, so every rounded
+value is returned exactly as a float32.
+
+Rounding ``Q_F(x)`` of an exact real ``x != 0``
+-----------------------------------------------
+::
+
+    E    = floor(log2 |x|)                        (exact, from integer bit lengths)
+    ulp  = 2^(max(E, emin) - m)                   (the grid spacing at |x|; fixed below 2^emin)
+    |x| / ulp = n + f,  n integer, 0 <= f < 1     (n·ulp is |x| truncated toward zero)
+
+    nearest_even:  n + 1 if f > 1/2, or f = 1/2 and n is odd; else n
+    toward_zero:   n
+    stochastic:    n + 1 iff floor(f · 2^24) + r >= 2^24, r = random_bits(seed, element, counter)
+
+("n odd" is "the last fraction bit is odd"; with m = 0 it still means n, so a tie between
+2^E and 2^(E+1) goes up, and the tie 2^(emin-1) goes down to zero.)
+
+then the magnitude ``n·ulp`` (which may have carried into the next binade) goes through
+
+1. subnormals off: a non-zero result below ``2^emin`` becomes a zero of the sign of ``x``;
+2. overflow (result above ``max``; the exponent range above is unbounded, so this is
+   the IEEE 754 notion): ``saturate`` gives ``±max``; ``inf`` gives ``±Inf``, except
+   ``toward_zero``, which gives ``±max`` as IEEE 754 does;
+
+and the sign of ``x`` is put back (a non-zero ``x`` that rounds to zero gives a zero of its
+sign). Specials: ``Q(NaN) = NaN``, ``Q(±Inf) = ±Inf`` under both overflow policies, and
+``Q(±0) = ±0``.
+
+The dot product (numerics §3)
+-----------------------------
+For float32 vectors ``a, b`` of length ``n`` and an :class:`tfaccum.AccumConfig` with
+accumulator ``A``, product format ``P`` (``None``: exact), chunk size ``c`` and chunk-sum
+format ``O`` (default ``A``)::
+
+    p_k = a_k × b_k                          exact; 0 × Inf = NaN
+    p_k = Q_P(p_k)                           if P is given          (counter 3k)
+    c = 0:  s = +0;  for k = 0..n-1:  s = Q_A(s + p_k)                (counter 3k+1)
+    c > 0:  s = +0;  for each chunk j = products jc .. min(n, (j+1)c) - 1:
+                t = +0;  for k in chunk j:  t = Q_A(t + p_k)        (counter 3k+1, k global)
+                s = Q_O(s + t)                                        (counter 3j+2)
+    return s as float32
+
+Sums are exact before rounding and follow IEEE 754 for specials: NaN propagates,
+``Inf - Inf = NaN``, an exact zero sum is ``+0`` except ``(-0) + (-0) = -0``.
+
+Stochastic rounding draws ``r`` from a counter-based generator keyed by the config's seed,
+the output *element* (the flat row-major index of the value being computed) and the
+*counter* of the rounding (above; ``quantize`` uses counter 0)::
+
+    mix64(z)     = SplitMix64 finalizer (all arithmetic mod 2^64)
+    key(seed, e) = mix64(seed + (e + 1) · 0x9E3779B97F4A7C15)
+    r            = mix64(key(seed, e) ^ ((c + 1) · 0xD1B54A32D192ED03)) >> 40
+
+Where the dot products come from (numerics §4–5)
+------------------------------------------------
+=================================  ==================  =========================  ======
+op                                 output element      summed over, in order      length
+=================================  ==================  =========================  ======
+``y = a·b``, a [M,K], b [K,N]      ``y[i,j]``          ``k = 0..K-1``             K
+bwd ``da = dy·bᵀ``                 ``da[i,k]``         ``j = 0..N-1``             N
+grad ``db = aᵀ·dy``                ``db[k,j]``         ``i = 0..M-1``             M
+conv2d NHWC, w [KH,KW,Cin,Cout]    ``y[b,oy,ox,co]``   ``(ky, kx, ci)`` row-major  KH·KW·Cin
+conv bwd                           ``dx[b,iy,ix,ci]``  ``(ky, kx, co)`` row-major  KH·KW·Cout
+conv grad                          ``dw[ky,kx,ci,co]`` ``(b, oy, ox)`` row-major   B·OH·OW
+=================================  ==================  =========================  ======
+
+Transposed matmul operands change only where values are read. The forward conv tap of
+``(oy, ox, ky, kx)`` is the input pixel ``(oy·sy + ky·dy - pad_top, ox·sx + kx·dx - pad_left)``
+(``s`` strides, ``d`` dilations); the input-gradient tap ``(ky, kx)`` of ``dx[b,iy,ix,ci]`` is
+the output pixel ``oy = (iy + pad_top - ky·dy) / sy`` (likewise ``ox``). A tap that falls
+outside the image, or (input gradient) whose ``oy``/``ox`` is not an integer in range, is an
+exact ``+0`` operand: its product ``+0 × w`` (a zero with the sign of ``w``; NaN if ``w`` is
+infinite) still counts in the length and the chunk boundaries.
+Output sizes and SAME padding are TensorFlow's: ``SAME``: ``out = ceil(in / s)``,
+``pad_total = max((out-1)·s + (k-1)·d + 1 - in, 0)``, ``pad_top = pad_total // 2``;
+``VALID`` and explicit padding: ``out = (in + pads - (k-1)·d - 1) // s + 1``.
+
+With an :class:`tfaccum.AccumPolicy`, ``fwd``, ``bwd`` and ``grad`` configure the three
+GEMMs; if ``policy.operands`` is set, each GEMM's two inputs are first rounded to that
+format (nearest-even). Every op function below takes either an AccumConfig (used as is,
+no operand quantization) or an AccumPolicy (the config of that op's GEMM, and operand
+quantization); ``matmul_grads`` and ``conv2d_grads`` apply an AccumConfig to both GEMMs.
+
+Example::
+
+    >>> import numpy as np
+    >>> from tfaccum.config import AccumConfig, FloatFormat
+    >>> round_to_format(1 + 2**-11, FloatFormat(5, 10))      # a tie: goes to the even 1.0
+    1.0
+    >>> cfg = AccumConfig(accumulator=FloatFormat(5, 10))     # half-precision partial sums
+    >>> float(dot(np.ones(3000, np.float32), np.ones(3000, np.float32), cfg))
+    2048.0
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+from typing import Tuple
+
+import numpy as np
+
+from .config import ROUNDING_MODES, AccumConfig, AccumPolicy, FloatFormat, as_format
+
+__all__ = [
+    "random_bits",
+    "round_to_format",
+    "quantize",
+    "dot",
+    "matmul",
+    "matmul_grads",
+    "conv2d",
+    "conv2d_backprop_input",
+    "conv2d_backprop_filter",
+    "conv2d_grads",
+    "conv2d_geometry",
+]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_COUNTER_MULT = 0xD1B54A32D192ED03
+_RBITS = 24  # width of the stochastic-rounding draw
+
+# The value of an out-of-image (or, for the input gradient, non-existent) conv tap: an
+# exact +0 operand. Its product follows section 3 like any other (0 × w is a zero with
+# the sign of w, and 0 × Inf is NaN).
+_PADDING_TAP = 0.0
+
+
+# -------------------------------------------------------------------------------------
+# The random generator (numerics §4)
+# -------------------------------------------------------------------------------------
+def _mix64(z: int) -> int:
+    """SplitMix64 finalizer, arithmetic modulo 2^64."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def random_bits(seed: int, element: int, counter: int) -> int:
+    """The 24-bit draw ``r(seed, element, counter)`` used by stochastic rounding.
+
+    ``seed`` is taken modulo 2^64 (so a negative int64 seed is its two's-complement uint64).
+    """
+    key = _mix64((seed % 2 ** 64) + (element + 1) * _GOLDEN)
+    return _mix64(key ^ (((counter + 1) * _COUNTER_MULT) & _MASK64)) >> (64 - _RBITS)
+
+
+# -------------------------------------------------------------------------------------
+# Exact values with IEEE specials
+#
+# An exact value is either a Fraction (finite and non-zero) or a Python float that is a
+# signed zero, an infinity or NaN: the Fraction carries the arithmetic, the float carries
+# what a rational cannot (the sign of zero, Inf, NaN).
+# -------------------------------------------------------------------------------------
+def _exact(v: float):
+    v = float(v)
+    if v == 0.0 or math.isinf(v) or math.isnan(v):
+        return v
+    return Fraction(v)
+
+
+def _is_special(v) -> bool:
+    return isinstance(v, float)
+
+
+def _negative(v) -> bool:
+    return math.copysign(1.0, v) < 0 if isinstance(v, float) else v < 0
+
+
+def _as_float(v) -> float:
+    return v if isinstance(v, float) else float(v)
+
+
+def _mul(x, y):
+    """The exact product ``x × y`` (IEEE for specials)."""
+    if not _is_special(x) and not _is_special(y):
+        return x * y  # non-zero finite × non-zero finite
+    fx, fy = _as_float(x), _as_float(y)
+    if math.isnan(fx) or math.isnan(fy):
+        return math.nan
+    negative = _negative(x) != _negative(y)
+    if math.isinf(fx) or math.isinf(fy):
+        if fx == 0.0 or fy == 0.0:
+            return math.nan  # 0 × Inf
+        return -math.inf if negative else math.inf
+    return -0.0 if negative else 0.0  # a zero times a finite value
+
+
+def _add(x, y):
+    """The exact sum ``x + y`` (IEEE for specials; an exact zero sum is +0 unless -0 + -0)."""
+    if not _is_special(x) and not _is_special(y):
+        s = x + y
+        return s if s != 0 else 0.0
+    fx, fy = _as_float(x), _as_float(y)
+    if math.isnan(fx) or math.isnan(fy):
+        return math.nan
+    if math.isinf(fx) or math.isinf(fy):
+        if math.isinf(fx) and math.isinf(fy) and fx != fy:
+            return math.nan  # Inf - Inf
+        return fx if math.isinf(fx) else fy
+    if fx == 0.0 and fy == 0.0:
+        return -0.0 if (_negative(x) and _negative(y)) else 0.0
+    return y if fx == 0.0 else x  # zero + non-zero finite
+
+
+# -------------------------------------------------------------------------------------
+# Rounding one exact value (numerics §2)
+# -------------------------------------------------------------------------------------
+def _floor_log2(p: int, q: int) -> int:
+    """``floor(log2(p / q))`` for positive integers, exactly."""
+    e = p.bit_length() - q.bit_length()  # 2^(e-1) < p/q < 2^(e+1)
+    # p/q >= 2^e  <=>  p >= q·2^e  (shift whichever side keeps integers)
+    if (p >= q << e) if e >= 0 else (p << -e >= q):
+        return e
+    return e - 1
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def _dyadic(n: int, k: int) -> Fraction:
+    """``n · 2^k`` as a Fraction."""
+    return Fraction(n << k) if k >= 0 else Fraction(n, 1 << -k)
+
+
+@functools.lru_cache(maxsize=None)
+def _limits(fmt: FloatFormat) -> Tuple[Fraction, Fraction]:
+    """(smallest normal 2^emin, largest finite (2^(m+1) - 1)·2^(emax-m)) of ``fmt``, exactly."""
+    m = fmt.mantissa_bits
+    return _dyadic(1, fmt.emin), _dyadic(2 ** (m + 1) - 1, fmt.emax - m)
+
+
+def _round_exact(x, fmt: FloatFormat, rounding: str, rbits):
+    """``Q_F`` of an exact value (Fraction or special float), giving an exact value."""
+    if isinstance(x, float):
+        return x  # NaN -> NaN, ±Inf -> ±Inf, ±0 -> ±0
+    negative = x < 0
+    p, q = abs(x.numerator), x.denominator  # |x| = p / q > 0
+
+    m = fmt.mantissa_bits
+    k = max(_floor_log2(p, q), fmt.emin) - m  # ulp = 2^k
+    # |x| / 2^k = n + rem/den with integer n and 0 <= rem < den, i.e. n = trunc(|x| / ulp)
+    num, den = (p, q << k) if k >= 0 else (p << -k, q)
+    n, rem = divmod(num, den)
+
+    if rounding == "nearest_even":
+        if 2 * rem > den or (2 * rem == den and n % 2 == 1):
+            n += 1
+    elif rounding == "stochastic":
+        f24 = (rem << _RBITS) // den  # floor(f · 2^24), f = rem/den
+        if f24 + rbits >= 2 ** _RBITS:
+            n += 1
+    # toward_zero: n is already the truncation.
+
+    magnitude = _dyadic(n, k)  # the rounded |x|, with unbounded exponent range
+    smallest_normal, max_value = _limits(fmt)
+    if not fmt.subnormals and magnitude < smallest_normal:
+        magnitude = 0
+    if magnitude > max_value:
+        if fmt.overflow == "inf" and rounding != "toward_zero":
+            return -math.inf if negative else math.inf
+        magnitude = max_value
+    if magnitude == 0:
+        return -0.0 if negative else 0.0  # a non-zero x that rounds to zero keeps its sign
+    return -magnitude if negative else magnitude
+
+
+def round_to_format(x, fmt, rounding: str = "nearest_even", rbits=None) -> float:
+    """``Q_F(x)``: the exact real ``x`` rounded once to format ``fmt``.
+
+    Args:
+      x: a Fraction, int or float (float NaN, ±Inf and ±0 allowed).
+      fmt: a FloatFormat (or anything ``as_format`` accepts).
+      rounding: ``"nearest_even"``, ``"toward_zero"`` or ``"stochastic"``.
+      rbits: the 24-bit random draw ``r``; required for ``"stochastic"``.
+
+    Returns:
+      The rounded value as a Python float (exactly representable in float32).
+    """
+    fmt = as_format(fmt)
+    _check_rounding(rounding)
+    if rounding == "stochastic" and (rbits is None or not 0 <= rbits < 2 ** _RBITS):
+        raise ValueError(f"stochastic rounding needs rbits in [0, 2^{_RBITS}), got {rbits!r}")
+    if isinstance(x, (float, np.floating)):
+        x = _exact(x)
+    else:
+        x = Fraction(x)
+        if x == 0:
+            x = 0.0  # a rational zero has no sign: +0
+    return _as_float(_round_exact(x, fmt, rounding, rbits))
+
+
+# -------------------------------------------------------------------------------------
+# The dot product (numerics §3)
+# -------------------------------------------------------------------------------------
+def _accumulate(products, config: AccumConfig, element: int) -> np.float32:
+    """Sum the exact products ``p_0 .. p_{n-1}`` of output ``element`` as ``config`` says."""
+    stochastic = config.rounding == "stochastic"
+
+    def q(v, fmt, counter):
+        rbits = random_bits(config.seed, element, counter) if stochastic else None
+        return _round_exact(v, fmt, config.rounding, rbits)
+
+    if config.product is not None:
+        products = [q(p, config.product, 3 * k) for k, p in enumerate(products)]
+
+    n, c = len(products), config.chunk_size
+    s = 0.0  # +0
+    if c == 0:
+        for k in range(n):
+            s = q(_add(s, products[k]), config.accumulator, 3 * k + 1)
+    else:
+        for j, start in enumerate(range(0, n, c)):
+            t = 0.0  # +0
+            for k in range(start, min(n, start + c)):  # k is the global product index
+                t = q(_add(t, products[k]), config.accumulator, 3 * k + 1)
+            s = q(_add(s, t), config.effective_chunk_accumulator, 3 * j + 2)
+    return np.float32(_as_float(s))
+
+
+def _as_f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _exact_array(x: np.ndarray) -> np.ndarray:
+    """A float32 array as an object array of exact values (converted once, read many times)."""
+    out = np.empty(x.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, v in enumerate(x.reshape(-1).tolist()):
+        flat[i] = _exact(v)
+    return out
+
+
+def _as_config(config) -> AccumConfig:
+    if isinstance(config, AccumPolicy):
+        raise TypeError("dot takes one AccumConfig, not an AccumPolicy")
+    return AccumConfig.from_dict(config)  # an AccumConfig is returned as is
+
+
+def dot(a, b, config: AccumConfig, element: int = 0) -> np.float32:
+    """The emulated dot product of two float32 vectors (numerics §3).
+
+    ``element`` is the output position the stochastic draws are keyed by.
+    """
+    a, b = _as_f32(a).reshape(-1), _as_f32(b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"dot: lengths differ ({a.size} and {b.size})")
+    products = [_mul(_exact(x), _exact(y)) for x, y in zip(a.tolist(), b.tolist())]
+    return _accumulate(products, _as_config(config), element)
+
+
+# -------------------------------------------------------------------------------------
+# quantize
+# -------------------------------------------------------------------------------------
+def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0) -> np.ndarray:
+    """Round every element of the float32 array ``x`` to ``fmt``.
+
+    The stochastic draw of element ``i`` (flat row-major index) is ``random_bits(seed, i, 0)``.
+    Non-float32 input is first converted to float32.
+    """
+    fmt = as_format(fmt)
+    _check_rounding(rounding)
+    x = _as_f32(x)
+    flat = x.reshape(-1).tolist()
+    out = np.empty(len(flat), dtype=np.float32)
+    for i, v in enumerate(flat):
+        rbits = random_bits(seed, i, 0) if rounding == "stochastic" else None
+        out[i] = round_to_format(v, fmt, rounding, rbits)
+    return out.reshape(x.shape)
+
+
+def _quantize_operand(x: np.ndarray, operands) -> np.ndarray:
+    return x if operands is None else quantize(x, operands, "nearest_even")
+
+
+def _split_policy(config, gemm: str) -> Tuple[AccumConfig, object]:
+    """(config, operand format) of one GEMM ("fwd", "bwd" or "grad").
+
+    An AccumPolicy gives its config for that GEMM and its operand format; an AccumConfig
+    is used as is, without operand quantization.
+    """
+    if isinstance(config, AccumPolicy):
+        return getattr(config, gemm), config.operands
+    return _as_config(config), None
+
+
+def _as_policy(policy) -> AccumPolicy:
+    if isinstance(policy, AccumPolicy):
+        return policy
+    return AccumPolicy.uniform(_as_config(policy))
+
+
+# -------------------------------------------------------------------------------------
+# MatMul and its gradients (numerics §5)
+# -------------------------------------------------------------------------------------
+def _matmul_logical(a_ex, b_ex, config: AccumConfig, element_of) -> np.ndarray:
+    """``y[i,j] = sum_k a[i,k] b[k,j]`` on exact logical-orientation operands.
+
+    ``element_of(i, j)`` gives the stochastic element of ``y[i,j]``; the result is in the
+    logical [M, N] orientation.
+    """
+    (m, k_dim), (k_dim_b, n) = a_ex.shape, b_ex.shape
+    if k_dim != k_dim_b:
+        raise ValueError(f"matmul: inner dimensions differ ({k_dim} and {k_dim_b})")
+    y = np.empty((m, n), dtype=np.float32)
+    for i in range(m):
+        for j in range(n):
+            products = [_mul(a_ex[i, k], b_ex[k, j]) for k in range(k_dim)]
+            y[i, j] = _accumulate(products, config, element_of(i, j))
+    return y
+
+
+def matmul(a, b, config, transpose_a: bool = False, transpose_b: bool = False) -> np.ndarray:
+    """``y = op(a) · op(b)`` with every ``y[i,j]`` an emulated dot product over ``k``.
+
+    ``op(a)`` is ``aᵀ`` if ``transpose_a`` (a stored [K, M]), else ``a`` ([M, K]); same for b.
+    The stochastic element of ``y[i,j]`` is ``i·N + j``. ``config`` may be an AccumPolicy:
+    then its ``fwd`` config is used and operands are quantized to ``policy.operands``.
+    """
+    config, operands = _split_policy(config, "fwd")
+    a = _exact_array(_quantize_operand(_as_f32(a), operands))
+    b = _exact_array(_quantize_operand(_as_f32(b), operands))
+    a_logical = a.T if transpose_a else a
+    b_logical = b.T if transpose_b else b
+    n = b_logical.shape[1]
+    return _matmul_logical(a_logical, b_logical, config, lambda i, j: i * n + j)
+
+
+def matmul_grads(a, b, dy, policy, transpose_a: bool = False,
+                 transpose_b: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Gradients ``(da, db)`` of ``y = op(a) · op(b)`` for upstream gradient ``dy`` [M, N].
+
+    Logically ``da = dy · op(b)ᵀ`` (``da[i,k]`` summed over ``j = 0..N-1``, config
+    ``policy.bwd``) and ``db = op(a)ᵀ · dy`` (``db[k,j]`` summed over ``i = 0..M-1``, config
+    ``policy.grad``). Each is returned in its operand's *stored* shape, and its stochastic
+    element is the flat row-major index in that stored tensor. With ``policy.operands``,
+    each GEMM's inputs (bwd: dy, b; grad: a, dy) are first rounded to it.
+    An AccumConfig is accepted as a policy with that config for all three GEMMs.
+    """
+    policy = _as_policy(policy)
+    a32, b32, dy32 = _as_f32(a), _as_f32(b), _as_f32(dy)
+    a_ex = _exact_array(_quantize_operand(a32, policy.operands))
+    b_ex = _exact_array(_quantize_operand(b32, policy.operands))
+    dy_ex = _exact_array(_quantize_operand(dy32, policy.operands))
+    a_logical = a_ex.T if transpose_a else a_ex  # [M, K]
+    b_logical = b_ex.T if transpose_b else b_ex  # [K, N]
+    m, k_dim = a_logical.shape
+    n = b_logical.shape[1]
+    if dy_ex.shape != (m, n):
+        raise ValueError(f"matmul_grads: dy has shape {dy_ex.shape}, expected {(m, n)}")
+
+    # da[i,k] = sum_j dy[i,j] · b[k,j]; stored da[i,k] (or da[k,i] if transpose_a).
+    da_element = (lambda i, k: k * m + i) if transpose_a else (lambda i, k: i * k_dim + k)
+    da = _matmul_logical(dy_ex, b_logical.T, policy.bwd, da_element)
+    # db[k,j] = sum_i a[i,k] · dy[i,j]; stored db[k,j] (or db[j,k] if transpose_b).
+    db_element = (lambda k, j: j * k_dim + k) if transpose_b else (lambda k, j: k * n + j)
+    db = _matmul_logical(a_logical.T, dy_ex, policy.grad, db_element)
+    return (da.T if transpose_a else da), (db.T if transpose_b else db)
+
+
+# -------------------------------------------------------------------------------------
+# Conv2D and its gradients (numerics §5)
+# -------------------------------------------------------------------------------------
+def _pair(value, name: str) -> Tuple[int, int]:
+    """(h, w) from an int, an (h, w) pair or an NHWC 4-tuple ``(1, h, w, 1)``."""
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    if len(value) == 2:
+        return value
+    if len(value) == 4 and value[0] == 1 and value[3] == 1:
+        return value[1], value[2]
+    raise ValueError(f"{name} must be an int, (h, w) or (1, h, w, 1), got {value!r}")
+
+
+def _explicit_padding(padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    pads = [tuple(int(v) for v in p) for p in padding]
+    if len(pads) == 4:  # TensorFlow's NHWC form [[0,0],[top,bottom],[left,right],[0,0]]
+        if pads[0] != (0, 0) or pads[3] != (0, 0):
+            raise ValueError(f"explicit padding of batch/channel dims must be 0, got {padding!r}")
+        pads = pads[1:3]
+    if len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
+        raise ValueError(f"explicit padding must be [(top, bottom), (left, right)], got {padding!r}")
+    return pads[0], pads[1]
+
+
+def _out_size_and_pad(size: int, k: int, stride: int, dilation: int, padding, axis: int):
+    """TensorFlow's output size and leading pad along one spatial axis."""
+    effective_k = (k - 1) * dilation + 1
+    if isinstance(padding, str):
+        if padding == "SAME":
+            out = -(-size // stride)  # ceil(size / stride)
+            pad_total = max((out - 1) * stride + effective_k - size, 0)
+            return out, pad_total // 2
+        if padding == "VALID":
+            before = after = 0
+        else:
+            raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+    else:
+        before, after = _explicit_padding(padding)[axis]
+    if size + before + after < effective_k:
+        raise ValueError(f"conv2d: input size {size} (padded {size + before + after}) is smaller "
+                         f"than the dilated kernel ({effective_k})")
+    return (size + before + after - effective_k) // stride + 1, before
+
+
+def conv2d_geometry(input_shape, filter_shape, strides=(1, 1), padding="SAME",
+                    dilations=(1, 1)):
+    """``(OH, OW, pad_top, pad_left)`` of a conv of an NHWC input with a [KH,KW,Cin,Cout] filter."""
+    (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
+    _, h, w, _ = input_shape
+    kh, kw = filter_shape[0], filter_shape[1]
+    oh, pad_top = _out_size_and_pad(h, kh, sy, dly, padding, 0)
+    ow, pad_left = _out_size_and_pad(w, kw, sx, dlx, padding, 1)
+    return oh, ow, pad_top, pad_left
+
+
+def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1)) -> np.ndarray:
+    """NHWC convolution ``y[b,oy,ox,co] = sum_{ky,kx,ci} x[b, tap] · w[ky,kx,ci,co]``.
+
+    The sum runs over ``(ky, kx, ci)`` row-major; the tap is
+    ``(oy·sy + ky·dy - pad_top, ox·sx + kx·dx - pad_left)``, an exact +0 tap if outside
+    the image. Stochastic element: the flat index of ``y``. ``config`` may be an
+    AccumPolicy (its ``fwd`` config, operands quantized to ``policy.operands``).
+    """
+    config, operands = _split_policy(config, "fwd")
+    x32, w32 = _as_f32(x), _as_f32(w)
+    (batch, h, wid, cin), (kh, kw, cin_w, cout) = x32.shape, w32.shape
+    if cin != cin_w:
+        raise ValueError(f"conv2d: input has {cin} channels, filter expects {cin_w}")
+    (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
+    oh, ow, pad_top, pad_left = conv2d_geometry(x32.shape, w32.shape, strides, padding, dilations)
+    xe = _exact_array(_quantize_operand(x32, operands))
+    we = _exact_array(_quantize_operand(w32, operands))
+
+    y = np.empty((batch, oh, ow, cout), dtype=np.float32)
+    element = 0
+    for b in range(batch):
+        for oy in range(oh):
+            for ox in range(ow):
+                for co in range(cout):
+                    products = []
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            iy = oy * sy + ky * dly - pad_top
+                            ix = ox * sx + kx * dlx - pad_left
+                            inside = 0 <= iy < h and 0 <= ix < wid
+                            for ci in range(cin):
+                                tap = xe[b, iy, ix, ci] if inside else _PADDING_TAP
+                                products.append(_mul(tap, we[ky, kx, ci, co]))
+                    y[b, oy, ox, co] = _accumulate(products, config, element)
+                    element += 1
+    return y
+
+
+def conv2d_backprop_input(input_shape, w, dy, config, strides=(1, 1), padding="SAME",
+                          dilations=(1, 1)) -> np.ndarray:
+    """Input gradient ``dx[b,iy,ix,ci] = sum_{ky,kx,co} w[ky,kx,ci,co] · dy[b,oy,ox,co]``.
+
+    The sum runs over ``(ky, kx, co)`` row-major with ``oy = (iy + pad_top - ky·dy) / sy``
+    (likewise ``ox``); a tap whose ``oy``/``ox`` is not an integer in ``[0, OH)``/``[0, OW)``
+    is an exact +0 tap. ``input_shape`` is the forward input's NHWC shape. Stochastic
+    element: the flat index of ``dx``. ``config`` may be an AccumPolicy: then its ``bwd``
+    config is used and w, dy are first quantized to ``policy.operands``.
+    """
+    config, operands = _split_policy(config, "bwd")
+    w32 = _quantize_operand(_as_f32(w), operands)
+    dy32 = _quantize_operand(_as_f32(dy), operands)
+    batch, h, wid, cin = (int(v) for v in input_shape)
+    kh, kw, cin_w, cout = w32.shape
+    if cin != cin_w:
+        raise ValueError(f"conv2d_backprop_input: input has {cin} channels, filter {cin_w}")
+    (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
+    oh, ow, pad_top, pad_left = conv2d_geometry((batch, h, wid, cin), w32.shape, strides,
+                                                padding, dilations)
+    if dy32.shape != (batch, oh, ow, cout):
+        raise ValueError(f"conv2d_backprop_input: dy has shape {dy32.shape}, "
+                         f"expected {(batch, oh, ow, cout)}")
+    we, dye = _exact_array(w32), _exact_array(dy32)
+
+    def source(i: int, pad: int, k: int, dilation: int, stride: int, size: int):
+        """The output index tap k of input index i reads, or None if there is none."""
+        num = i + pad - k * dilation
+        if num % stride != 0:
+            return None
+        o = num // stride
+        return o if 0 <= o < size else None
+
+    dx = np.empty((batch, h, wid, cin), dtype=np.float32)
+    element = 0
+    for b in range(batch):
+        for iy in range(h):
+            for ix in range(wid):
+                for ci in range(cin):
+                    products = []
+                    for ky in range(kh):
+                        for kx in range(kw):
+                            oy = source(iy, pad_top, ky, dly, sy, oh)
+                            ox = source(ix, pad_left, kx, dlx, sx, ow)
+                            for co in range(cout):
+                                if oy is None or ox is None:
+                                    tap = _PADDING_TAP
+                                else:
+                                    tap = dye[b, oy, ox, co]
+                                products.append(_mul(tap, we[ky, kx, ci, co]))
+                    dx[b, iy, ix, ci] = _accumulate(products, config, element)
+                    element += 1
+    return dx
+
+
+def conv2d_backprop_filter(x, filter_shape, dy, config, strides=(1, 1), padding="SAME",
+                           dilations=(1, 1)) -> np.ndarray:
+    """Filter gradient ``dw[ky,kx,ci,co] = sum_{b,oy,ox} x[b, tap] · dy[b,oy,ox,co]``.
+
+    The sum runs over ``(b, oy, ox)`` row-major; the tap is the forward one (an exact +0
+    product outside the image). Stochastic element: the flat index of ``dw``. ``config`` may
+    be an AccumPolicy: then its ``grad`` config is used and x, dy are first quantized to
+    ``policy.operands``.
+    """
+    config, operands = _split_policy(config, "grad")
+    x32 = _quantize_operand(_as_f32(x), operands)
+    dy32 = _quantize_operand(_as_f32(dy), operands)
+    batch, h, wid, cin = x32.shape
+    kh, kw, cin_w, cout = (int(v) for v in filter_shape)
+    if cin != cin_w:
+        raise ValueError(f"conv2d_backprop_filter: input has {cin} channels, filter {cin_w}")
+    (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
+    oh, ow, pad_top, pad_left = conv2d_geometry(x32.shape, (kh, kw, cin, cout), strides,
+                                                padding, dilations)
+    if dy32.shape != (batch, oh, ow, cout):
+        raise ValueError(f"conv2d_backprop_filter: dy has shape {dy32.shape}, "
+                         f"expected {(batch, oh, ow, cout)}")
+    xe, dye = _exact_array(x32), _exact_array(dy32)
+
+    dw = np.empty((kh, kw, cin, cout), dtype=np.float32)
+    element = 0
+    for ky in range(kh):
+        for kx in range(kw):
+            for ci in range(cin):
+                for co in range(cout):
+                    products = []
+                    for b in range(batch):
+                        for oy in range(oh):
+                            for ox in range(ow):
+                                iy = oy * sy + ky * dly - pad_top
+                                ix = ox * sx + kx * dlx - pad_left
+                                inside = 0 <= iy < h and 0 <= ix < wid
+                                tap = xe[b, iy, ix, ci] if inside else _PADDING_TAP
+                                products.append(_mul(tap, dye[b, oy, ox, co]))
+                    dw[ky, kx, ci, co] = _accumulate(products, config, element)
+                    element += 1
+    return dw
+
+
+def conv2d_grads(x, w, dy, policy, strides=(1, 1), padding="SAME",
+                 dilations=(1, 1)) -> Tuple[np.ndarray, np.ndarray]:
+    """``(dx, dw)`` of ``conv2d(x, w)``: dx with ``policy.bwd``, dw with ``policy.grad``.
+
+    With ``policy.operands``, each GEMM's inputs (bwd: dy, w; grad: x, dy) are first
+    rounded to it (nearest-even). An AccumConfig is accepted for all three GEMMs.
+    """
+    policy = _as_policy(policy)
+    x32, w32 = _as_f32(x), _as_f32(w)
+    dx = conv2d_backprop_input(x32.shape, w32, dy, policy, strides, padding, dilations)
+    dw = conv2d_backprop_filter(x32, w32.shape, dy, policy, strides, padding, dilations)
+    return dx, dw

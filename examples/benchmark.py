@@ -1,0 +1,128 @@
+"""Speed of the tfaccum kernels relative to native TensorFlow, measured in one run.
+
+    python examples/benchmark.py                 # matmul and conv tables
+    python examples/benchmark.py --only=matmul   # or --only=conv
+    python examples/benchmark.py --repeats=5
+
+Every figure is a median wall time over --repeats runs after a warm-up, on this machine,
+in this process; ratios are tfaccum / native for the same shapes and pass. The NumPy
+column is a straightforward NumPy emulation that loops over k and rounds the whole output
+after each addition (what one writes without tfaccum).
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfaccum  # noqa: E402
+from tfaccum import AccumConfig, AccumPolicy, FloatFormat  # noqa: E402
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up (and graph tracing)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def numpy_emulation(a, b, mantissa_bits):
+    """Loop over k; round the whole [M, N] partial-sum matrix to m bits after each add."""
+    s = np.zeros((a.shape[0], b.shape[1]), np.float64)
+    for k in range(a.shape[1]):
+        s += np.outer(a[:, k], b[k]).astype(np.float64)
+        mant, exp = np.frexp(s)
+        s = np.ldexp(np.round(mant * 2.0 ** (mantissa_bits + 1)), exp - mantissa_bits - 1)
+    return s.astype(np.float32)
+
+
+def bench_matmul(repeats, numpy_limit):
+    shapes = [(256, 256, 256), (512, 512, 512), (1024, 4096, 256)]
+    rng = np.random.default_rng(0)
+    print("\n## matmul (time in ms; ratio = tfaccum / tf.matmul float32)\n")
+    print("| M x K x N | accumulator | chunk | tf.matmul | tfaccum | ratio | NumPy loop | vs NumPy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for M, K, N in shapes:
+        a = tf.constant(rng.standard_normal((M, K)), tf.float32)
+        b = tf.constant(rng.standard_normal((K, N)), tf.float32)
+        native = median_time(lambda: tf.matmul(a, b).numpy(), repeats)
+        np_a, np_b = a.numpy(), b.numpy()
+        for m in (7, 10, 16, 23):
+            numpy_time = None
+            if M * K * N <= numpy_limit:
+                numpy_time = median_time(lambda: numpy_emulation(np_a, np_b, m), 1)
+            for chunk in (0, 64):
+                cfg = AccumConfig(accumulator=FloatFormat(8, m), chunk_size=chunk)
+                t = median_time(lambda: tfaccum.accum_matmul(a, b, cfg).numpy(), repeats)
+                np_cols = ("-", "-") if numpy_time is None else (
+                    f"{numpy_time * 1e3:.0f}", f"{numpy_time / t:.0f}x faster")
+                print(f"| {M}x{K}x{N} | e8m{m} | {chunk or 'seq'} | {native * 1e3:.2f} | "
+                      f"{t * 1e3:.1f} | {t / native:.1f} | {np_cols[0]} | {np_cols[1]} |",
+                      flush=True)
+
+
+CONV_LAYERS = [
+    ("ResNet-32 stage 1", 128, 32, 16, 16),
+    ("ResNet-32 stage 2", 128, 16, 32, 32),
+    ("ResNet-32 stage 3", 128, 8, 64, 64),
+    ("ResNet-18 conv2_x", 32, 56, 64, 64),
+]
+
+
+def bench_conv(repeats):
+    rng = np.random.default_rng(1)
+    cfg = AccumConfig(accumulator=FloatFormat(8, 10))
+    policy = AccumPolicy.uniform(cfg)
+    lib = tfaccum.ops.load_library()
+    attrs = dict(strides=[1, 1], dilations=[1, 1], padding="SAME", explicit_paddings=[])
+    attrs.update(cfg.kernel_attrs())
+    print("\n## conv2d 3x3, SAME, e8m10 accumulator (time in ms; ratio = tfaccum / native TF)\n")
+    print("| layer | batch, HxW, Cin->Cout | pass | native | tfaccum | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, batch, hw, cin, cout in CONV_LAYERS:
+        x = tf.constant(rng.standard_normal((batch, hw, hw, cin)), tf.float32)
+        w = tf.constant(rng.standard_normal((3, 3, cin, cout)) * 0.1, tf.float32)
+        dy = tf.constant(rng.standard_normal((batch, hw, hw, cout)), tf.float32)
+        x_shape, w_shape = tf.constant(x.shape, tf.int32), tf.constant(w.shape, tf.int32)
+        passes = [
+            ("forward", lambda: tf.nn.conv2d(x, w, 1, "SAME").numpy(),
+             lambda: tfaccum.accum_conv2d(x, w, policy).numpy()),
+            ("input grad", lambda: tf.compat.v1.nn.conv2d_backprop_input(
+                x_shape, w, dy, [1, 1, 1, 1], "SAME").numpy(),
+             lambda: lib.tfaccum_conv2d_backprop_input(x_shape, w, dy, **attrs).numpy()),
+            ("filter grad", lambda: tf.compat.v1.nn.conv2d_backprop_filter(
+                x, w_shape, dy, [1, 1, 1, 1], "SAME").numpy(),
+             lambda: lib.tfaccum_conv2d_backprop_filter(x, w_shape, dy, **attrs).numpy()),
+        ]
+        for pass_name, native_fn, ours_fn in passes:
+            native = median_time(native_fn, repeats)
+            ours = median_time(ours_fn, max(1, repeats // 2))
+            print(f"| {name} | {batch}, {hw}x{hw}, {cin}->{cout} | {pass_name} | "
+                  f"{native * 1e3:.1f} | {ours * 1e3:.0f} | {ours / native:.1f} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["matmul", "conv"], default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--numpy_limit", type=int, default=512 ** 3,
+                        help="largest M*K*N for which the NumPy loop is timed")
+    args = parser.parse_args()
+    print(f"tfaccum benchmark: TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
+          f"inter/intra threads {tf.config.threading.get_inter_op_parallelism_threads()}/"
+          f"{tf.config.threading.get_intra_op_parallelism_threads()} (0 = all)")
+    if args.only in (None, "matmul"):
+        bench_matmul(args.repeats, args.numpy_limit)
+    if args.only in (None, "conv"):
+        bench_conv(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

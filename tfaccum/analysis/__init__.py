@@ -1,0 +1,63 @@
+"""Accumulation bit-width analysis: how many accumulator mantissa bits each GEMM needs.
+
+tfaccum's own take on the variance-retention analysis of Sakr et al., "Accumulation
+Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)::
+
+    >>> from tfaccum import analysis
+    >>> analysis.vrr(n=4608, acc_mantissa_bits=9, product_mantissa_bits=5)       # analytical
+    >>> analysis.vrr_monte_carlo(n=4608, acc_mantissa_bits=9, product_mantissa_bits=5)
+    >>> analysis.min_mantissa_bits(n=4608, product_mantissa_bits=5, chunk_size=64)
+    >>> plan = analysis.predict(model, batch_size=256, chunk_size=64, data=batches)
+    >>> print(plan); emulated = tfaccum.rewrite(model, plan.shift(-1))
+
+* :func:`vrr` / :func:`variance_lost`: the analytical variance retention ratio
+  ``VRR = 1 - E[(computed - exact)^2] / Var(exact)`` of an accumulation of ``n`` Gaussian
+  products with ``m_p`` mantissa bits in an accumulator with ``m_acc`` (docs/vrr.md).
+* :func:`vrr_monte_carlo`: the same quantity measured with tfaccum's kernels, with a
+  confidence interval.
+* :func:`min_mantissa_bits`: the smallest ``m_acc`` with ``exp(n (1 - VRR)) < cutoff``.
+* :func:`predict` / :func:`measure_sparsity`: per-layer FWD/BWD/GRAD lengths, measured
+  sparsity and predicted bits of a Keras model, as a :class:`PrecisionPlan`.
+* :func:`plot_vrr`: VRR against n, analytical curves and Monte Carlo points (matplotlib).
+
+(``analysis.vrr`` and ``analysis.predict`` are the functions; their modules are
+``tfaccum.analysis.vrr`` and ``tfaccum.analysis.predict`` in ``sys.modules``.)
+"""
+
+from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
+from tfaccum.analysis.predict import gemm_layers, layer_lengths, measure_sparsity, predict
+from tfaccum.analysis.vrr import (
+    MONTE_CARLO_EXPONENT_BITS,
+    VRREstimate,
+    empirical_vrr,
+    min_mantissa_bits,
+    passes_criterion,
+    plot_vrr,
+    product_variance,
+    v_criterion,
+    variance_lost,
+    vrr,
+    vrr_monte_carlo,
+)
+
+__all__ = [
+    "GEMMS",
+    "GemmPrediction",
+    "LayerPrediction",
+    "MONTE_CARLO_EXPONENT_BITS",
+    "PrecisionPlan",
+    "VRREstimate",
+    "empirical_vrr",
+    "gemm_layers",
+    "layer_lengths",
+    "measure_sparsity",
+    "min_mantissa_bits",
+    "passes_criterion",
+    "plot_vrr",
+    "predict",
+    "product_variance",
+    "v_criterion",
+    "variance_lost",
+    "vrr",
+    "vrr_monte_carlo",
+]

@@ -1,0 +1,374 @@
+"""``PrecisionPlan``: the predicted accumulator precision of every GEMM of a model.
+
+A plan holds, for each ``Dense``/``Conv2D`` layer and each of its three GEMMs (FWD, BWD,
+GRAD; numerics.md section 5), the accumulation length, the effective length (non-zero
+products), the sparsity and the predicted accumulator mantissa bits; and the settings it
+was predicted under. It prints as a table, converts to per-layer policies for
+:func:`tfaccum.rewrite`, shifts by whole bits, and round-trips through JSON::
+
+    >>> plan = tfaccum.analysis.predict(model, batch_size=256, chunk_size=64)
+    >>> print(plan)                                   # one row per layer
+    >>> emulated = tfaccum.rewrite(model, plan.shift(-1))   # one bit fewer everywhere
+    >>> PrecisionPlan.from_json(plan.to_json()) == plan
+    True
+
+JSON shape (``to_dict``)::
+
+    {"layers": [{"layer": "conv1", "kind": "Conv2D",
+                 "fwd": {"length": 27, "effective_length": 27, "sparsity": 0.0,
+                         "mantissa_bits": 5, "sequential_mantissa_bits": 5},
+                 "bwd": {...}, "grad": {...}}, ...],
+     "model": "resnet32", "batch_size": 128, "product_mantissa_bits": 5,
+     "chunk_size": 64, "cutoff": 50.0, "exponent_bits": 6, "method": "analytical",
+     "sparsity": "measured", "operands": null, "product": null,
+     "rounding": "nearest_even", "offset": 0}
+
+``mantissa_bits`` is the prediction for the plan's ``chunk_size``;
+``sequential_mantissa_bits`` (present when ``chunk_size > 0``) the one for sequential
+accumulation of the same GEMM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+from tfaccum.config import (ROUNDING_MODES, AccumConfig, AccumPolicy, FloatFormat,
+                            as_format)
+
+__all__ = ["GemmPrediction", "LayerPrediction", "PrecisionPlan", "GEMMS"]
+
+GEMMS = ("fwd", "bwd", "grad")
+_MAX_BITS = 23
+
+
+def _clamp_bits(bits: int) -> int:
+    return min(_MAX_BITS, max(0, int(bits)))
+
+
+def _need(d: Mapping, key: str, what: str):
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(d).__name__}")
+    if key not in d:
+        raise ValueError(f"{what} lacks the key {key!r}")
+    return d[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPrediction:
+    """One GEMM: ``length`` products per output, ``effective_length`` of them non-zero
+    (``sparsity = 1 - effective/length`` as measured or given), and the predicted
+    accumulator ``mantissa_bits`` (``sequential_mantissa_bits``: without chunking)."""
+
+    length: int
+    effective_length: int
+    sparsity: float
+    mantissa_bits: int
+    sequential_mantissa_bits: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("length", "effective_length", "mantissa_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"GemmPrediction.{name} must be an int >= 0, got {value!r}")
+        if self.mantissa_bits > _MAX_BITS:
+            raise ValueError(f"mantissa_bits must be <= {_MAX_BITS}, got {self.mantissa_bits}")
+        seq = self.sequential_mantissa_bits
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)
+                                or not 0 <= seq <= _MAX_BITS):
+            raise ValueError(f"sequential_mantissa_bits must be None or 0..{_MAX_BITS}, "
+                             f"got {seq!r}")
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+            raise ValueError(f"GemmPrediction.sparsity must be in [0, 1], got {s!r}")
+        object.__setattr__(self, "sparsity", float(s))
+
+    def shift(self, bits: int) -> "GemmPrediction":
+        seq = self.sequential_mantissa_bits
+        return dataclasses.replace(
+            self, mantissa_bits=_clamp_bits(self.mantissa_bits + bits),
+            sequential_mantissa_bits=None if seq is None else _clamp_bits(seq + bits))
+
+    def to_dict(self) -> dict:
+        d = {"length": self.length, "effective_length": self.effective_length,
+             "sparsity": self.sparsity, "mantissa_bits": self.mantissa_bits}
+        if self.sequential_mantissa_bits is not None:
+            d["sequential_mantissa_bits"] = self.sequential_mantissa_bits
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "GEMM entry") -> "GemmPrediction":
+        return cls(length=_need(d, "length", what),
+                   effective_length=_need(d, "effective_length", what),
+                   sparsity=_need(d, "sparsity", what),
+                   mantissa_bits=_need(d, "mantissa_bits", what),
+                   sequential_mantissa_bits=d.get("sequential_mantissa_bits"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPrediction:
+    """The three GEMMs of one layer."""
+
+    layer: str
+    fwd: GemmPrediction
+    bwd: GemmPrediction
+    grad: GemmPrediction
+    kind: str = ""
+
+    def gemm(self, name: str) -> GemmPrediction:
+        if name not in GEMMS:
+            raise KeyError(f"GEMM must be one of {GEMMS}, got {name!r}")
+        return getattr(self, name)
+
+    def shift(self, bits: int) -> "LayerPrediction":
+        return dataclasses.replace(self, fwd=self.fwd.shift(bits), bwd=self.bwd.shift(bits),
+                                   grad=self.grad.shift(bits))
+
+    def to_dict(self) -> dict:
+        d = {"layer": self.layer}
+        if self.kind:
+            d["kind"] = self.kind
+        d.update({g: getattr(self, g).to_dict() for g in GEMMS})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerPrediction":
+        name = _need(d, "layer", "a layer entry")
+        if not isinstance(name, str):
+            raise ValueError(f"layer names must be strings, got {name!r}")
+        gemms = {g: GemmPrediction.from_dict(_need(d, g, f"layer {name!r}"),
+                                             f"layer {name!r} {g}") for g in GEMMS}
+        return cls(layer=name, kind=str(d.get("kind", "")), **gemms)
+
+
+def _format_or_none(value) -> Optional[FloatFormat]:
+    return None if value is None else as_format(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPlan:
+    """Predicted accumulator precision per layer and GEMM, with the prediction settings.
+
+    Attributes:
+      layers: one :class:`LayerPrediction` per ``Dense``/``Conv2D`` layer, model order.
+      batch_size: the batch size the GRAD lengths are for.
+      product_mantissa_bits: ``m_p`` assumed for the products.
+      chunk_size: 0 (sequential) or the chunk size the bits are predicted for, and that
+        :meth:`policies` configures.
+      cutoff: the criterion ``v(n) < cutoff``.
+      exponent_bits: accumulator exponent bits used by :meth:`policies` (6 in the paper).
+      method: ``"analytical"`` or ``"monte_carlo"``.
+      sparsity: how effective lengths were obtained (``"measured"``,
+        ``"measured (synthetic inputs)"``, ``"none"``, ``"given 0.5"``, ``"given"``).
+      operands: format each GEMM's inputs are rounded to (``AccumPolicy.operands``);
+        None: not rounded.
+      product: format products are rounded to (``AccumConfig.product``); None: exact.
+      rounding: the accumulator rounding mode of the policies.
+      offset: total of the :meth:`shift` calls that made this plan (0 for a prediction).
+      model: the model's name.
+    """
+
+    layers: Tuple[LayerPrediction, ...]
+    batch_size: int
+    product_mantissa_bits: int = 5
+    chunk_size: int = 0
+    cutoff: float = 50.0
+    exponent_bits: int = 6
+    method: str = "analytical"
+    sparsity: str = "none"
+    operands: Optional[FloatFormat] = None
+    product: Optional[FloatFormat] = None
+    rounding: str = "nearest_even"
+    offset: int = 0
+    model: str = ""
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        for layer in layers:
+            if not isinstance(layer, LayerPrediction):
+                raise TypeError(f"PrecisionPlan.layers must hold LayerPrediction, got "
+                                f"{type(layer).__name__}")
+        names = [layer.layer for layer in layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate layer names in the plan: {duplicates}")
+        object.__setattr__(self, "layers", layers)
+        for name in ("batch_size", "product_mantissa_bits", "chunk_size", "exponent_bits",
+                     "offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"PrecisionPlan.{name} must be an int, got {value!r}")
+        if self.batch_size < 1 or self.chunk_size < 0:
+            raise ValueError("batch_size must be >= 1 and chunk_size >= 0")
+        if not 2 <= self.exponent_bits <= 8:
+            raise ValueError(f"exponent_bits must be in 2..8, got {self.exponent_bits}")
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
+        object.__setattr__(self, "cutoff", float(self.cutoff))
+        object.__setattr__(self, "operands", _format_or_none(self.operands))
+        object.__setattr__(self, "product", _format_or_none(self.product))
+
+    # Access -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerPrediction]:
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> LayerPrediction:
+        for layer in self.layers:
+            if layer.layer == name:
+                return layer
+        raise KeyError(f"no layer {name!r} in the plan (layers: "
+                       f"{', '.join(l.layer for l in self.layers)})")
+
+    @property
+    def layer_names(self) -> Tuple[str, ...]:
+        return tuple(layer.layer for layer in self.layers)
+
+    def bits(self) -> Dict[str, Dict[str, int]]:
+        """``{layer: {"fwd": m, "bwd": m, "grad": m}}``."""
+        return {l.layer: {g: l.gemm(g).mantissa_bits for g in GEMMS} for l in self.layers}
+
+    # Transformations ----------------------------------------------------------------------
+    def shift(self, bits: int) -> "PrecisionPlan":
+        """A new plan with every mantissa bit count moved by ``bits`` (e.g. -1 for the
+        tightness experiment), clamped to 0..23."""
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise TypeError(f"shift takes an int number of bits, got {bits!r}")
+        return dataclasses.replace(self, layers=tuple(l.shift(bits) for l in self.layers),
+                                   offset=self.offset + bits)
+
+    def config(self, mantissa_bits: int) -> AccumConfig:
+        """The AccumConfig of a GEMM with ``mantissa_bits`` under this plan's settings."""
+        return AccumConfig(accumulator=FloatFormat(self.exponent_bits, mantissa_bits),
+                           product=self.product, chunk_size=self.chunk_size,
+                           rounding=self.rounding)
+
+    def policies(self, exclude: Iterable[str] = ()) -> Dict[str, AccumPolicy]:
+        """``{layer_name: AccumPolicy}`` for :func:`tfaccum.rewrite`: accumulators
+        ``FloatFormat(exponent_bits, bits)``, this plan's chunk size, product format,
+        rounding and operand format. Layers named in ``exclude`` are left out (so
+        ``rewrite`` keeps them as they are)."""
+        skip = set([exclude] if isinstance(exclude, str) else exclude)
+        unknown = skip - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"exclude names layers not in the plan: {sorted(unknown)}")
+        return {l.layer: AccumPolicy(fwd=self.config(l.fwd.mantissa_bits),
+                                     bwd=self.config(l.bwd.mantissa_bits),
+                                     grad=self.config(l.grad.mantissa_bits),
+                                     operands=self.operands)
+                for l in self.layers if l.layer not in skip}
+
+    # Serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "product_mantissa_bits": self.product_mantissa_bits,
+            "chunk_size": self.chunk_size,
+            "cutoff": self.cutoff,
+            "exponent_bits": self.exponent_bits,
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "operands": None if self.operands is None else self.operands.to_dict(),
+            "product": None if self.product is None else self.product.to_dict(),
+            "rounding": self.rounding,
+            "offset": self.offset,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PrecisionPlan":
+        layers = _need(d, "layers", "a precision plan")
+        if not isinstance(layers, list):
+            raise ValueError("a precision plan's 'layers' must be a list")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown precision plan keys: {sorted(unknown)}")
+        kwargs = {k: v for k, v in d.items() if k != "layers"}
+        _need(d, "batch_size", "a precision plan")
+        for key in ("operands", "product"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = FloatFormat.from_dict(kwargs[key])
+        return cls(layers=tuple(LayerPrediction.from_dict(l) for l in layers), **kwargs)
+
+    def to_json(self, indent: Optional[int] = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrecisionPlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> str:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+            f.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "PrecisionPlan":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    # Display ------------------------------------------------------------------------------
+    def header(self) -> str:
+        acc = f"e{self.exponent_bits}m<bits>"
+        chunk = f"chunk {self.chunk_size}" if self.chunk_size else "sequential"
+        parts = [f"batch {self.batch_size}", f"products m_p={self.product_mantissa_bits}",
+                 chunk, f"v(n) < {self.cutoff:g}", f"accumulators {acc}",
+                 f"sparsity {self.sparsity}", self.method]
+        if self.operands is not None:
+            parts.append(f"operands {self.operands!r}")
+        if self.offset:
+            parts.append(f"shifted {self.offset:+d} bits")
+        name = f" for {self.model}" if self.model else ""
+        return f"Precision plan{name}: " + ", ".join(parts)
+
+    def table(self) -> str:
+        """The plan as a text table: one row per layer; per GEMM the length ``n``, the
+        effective length, and the predicted bits (sequential and chunked when the plan
+        is chunked)."""
+        chunked = self.chunk_size > 0
+        bit_cols = ("seq", f"c{self.chunk_size}") if chunked else ("bits",)
+        sub = ("n", "n_eff") + bit_cols
+        rows = []
+        for l in self.layers:
+            cells = [l.layer]
+            for g in GEMMS:
+                p = l.gemm(g)
+                cells += [str(p.length), str(p.effective_length)]
+                if chunked:
+                    seq = p.sequential_mantissa_bits
+                    cells += ["-" if seq is None else str(seq), str(p.mantissa_bits)]
+                else:
+                    cells.append(str(p.mantissa_bits))
+            rows.append(cells)
+        head2 = ["layer"] + list(sub) * 3
+        ncol = len(head2)
+        widths = [max([len(head2[c])] + [len(r[c]) for r in rows]) for c in range(ncol)]
+        group = len(sub)
+
+        def line(cells):
+            out = cells[0].ljust(widths[0])
+            for gi in range(3):
+                block = cells[1 + gi * group:1 + (gi + 1) * group]
+                w = widths[1 + gi * group:1 + (gi + 1) * group]
+                out += " | " + " ".join(c.rjust(wi) for c, wi in zip(block, w))
+            return out
+
+        block_widths = [sum(widths[1 + gi * group:1 + (gi + 1) * group]) + group - 1
+                        for gi in range(3)]
+        head1 = " " * widths[0]
+        for gi, title in enumerate(("FWD", "BWD", "GRAD")):
+            head1 += " | " + title.center(block_widths[gi])
+        rule = "-" * len(line(head2))
+        lines = [self.header(), rule, head1, line(head2), rule]
+        lines += [line(r) for r in rows]
+        lines.append(rule)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

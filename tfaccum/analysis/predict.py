@@ -1,0 +1,561 @@
+"""Predict the accumulator precision of every GEMM of a Keras model.
+
+:func:`predict` walks the ``Dense`` and ``Conv2D`` layers of a model (tfaccum's
+``AccumDense``/``AccumConv2D`` are subclasses and count too), computes the accumulation
+length of each layer's FWD, BWD and GRAD GEMMs (numerics.md section 5):
+
+=========  ======================  =================  =================================
+layer      FWD                     BWD (dx)           GRAD (dw)
+=========  ======================  =================  =================================
+Conv2D     ``KH*KW*Cin/groups``    ``KH*KW*Cout/groups``  ``B*OH*OW``
+Dense      fan-in                  ``units``          ``B`` x the extra leading dims
+=========  ======================  =================  =================================
+
+and their **effective lengths**: the number of non-zero products, because a zero product
+(a ReLU zero in the activations, a zero back-propagated error, a padding tap, a tap that
+a strided convolution's input gradient skips) neither swamps nor is swamped.
+:func:`measure_sparsity` counts them exactly on real batches passed through the model
+under a ``GradientTape``:
+
+* FWD: ``y = x . w`` -- per output, the products with ``x != 0`` and ``w != 0``;
+* BWD: ``dx = dy . w^T`` -- per input-gradient element, ``dy != 0`` and ``w != 0`` (``dy``
+  is the gradient of the loss with respect to the layer's pre-activation output);
+* GRAD: ``dw = x^T . dy`` -- per weight, the positions with ``x != 0`` and ``dy != 0``;
+
+each averaged over all outputs of the GEMM. The sparsity is ``1 - mean count / length``.
+The predicted bits are then :func:`tfaccum.analysis.min_mantissa_bits` of the effective
+length. In a chunked accumulation the zeros still occupy their slots, so a chunk of
+``c`` products holds ``c * (1 - sparsity)`` non-zero ones on average: the chunked
+prediction uses that effective chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
+from tfaccum.analysis.vrr import min_mantissa_bits
+from tfaccum.config import ROUNDING_MODES, as_format
+
+__all__ = ["predict", "measure_sparsity", "gemm_layers", "layer_lengths"]
+
+SparsityLike = Union[str, float, None, Mapping[str, Any]]
+
+
+def _keras():
+    import keras  # noqa: WPS433 - keep `import tfaccum.analysis` light
+
+    return keras
+
+
+# ---------------------------------------------------------------------------------------
+# Layers and lengths
+# ---------------------------------------------------------------------------------------
+def gemm_layers(model) -> list:
+    """The ``Dense``/``Conv2D`` layers of ``model`` (descending into nested models), in
+    order, each once."""
+    keras = _keras()
+    out, seen = [], set()
+
+    def visit(m):
+        for layer in m.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+                out.append(layer)
+            elif isinstance(layer, keras.Model):
+                visit(layer)
+
+    visit(model)
+    return out
+
+
+def _nhwc(layer, shape: Sequence) -> Tuple:
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return (shape[0], shape[2], shape[3], shape[1])
+    return tuple(shape)
+
+
+def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
+                  batch_size: int) -> Dict[str, int]:
+    """``{"fwd": n, "bwd": n, "grad": n}`` for one call of a Dense/Conv2D layer on
+    ``input_shape`` giving ``output_shape`` (the batch dimension is replaced by
+    ``batch_size``)."""
+    keras = _keras()
+    if isinstance(layer, keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        groups = getattr(layer, "groups", 1) or 1
+        _, _, _, cin = _nhwc(layer, input_shape)
+        _, oh, ow, _ = _nhwc(layer, output_shape)
+        if None in (cin, oh, ow):
+            raise ValueError(f"layer {layer.name!r}: unknown spatial or channel size in "
+                             f"{tuple(input_shape)} -> {tuple(output_shape)}")
+        return {"fwd": kh * kw * int(cin) // groups,
+                "bwd": kh * kw * layer.filters // groups,
+                "grad": batch_size * int(oh) * int(ow)}
+    if isinstance(layer, keras.layers.Dense):
+        extra = 1
+        for d in input_shape[1:-1]:
+            if d is None:
+                raise ValueError(f"layer {layer.name!r}: unknown dimension in input shape "
+                                 f"{tuple(input_shape)}")
+            extra *= int(d)
+        return {"fwd": int(input_shape[-1]), "bwd": int(layer.units),
+                "grad": batch_size * extra}
+    raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not Dense/Conv2D")
+
+
+def _node_shapes(layer) -> List[Tuple[tuple, tuple]]:
+    shapes = []
+    for node in getattr(layer, "_inbound_nodes", []) or []:
+        ins, outs = node.input_tensors, node.output_tensors
+        if ins and outs:
+            pair = (tuple(ins[0].shape), tuple(outs[0].shape))
+            if pair not in shapes:
+                shapes.append(pair)
+    if not shapes and getattr(layer, "built", False):
+        # A layer called only eagerly (inside a subclassed model) has no nodes, but it
+        # remembers the input shape it was built for.
+        config = layer.get_build_config() or {}
+        input_shape = config.get("input_shape")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            shapes.append((input_shape, tuple(layer.compute_output_shape(input_shape))))
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+def _split(element) -> Tuple[Any, Any]:
+    if isinstance(element, (tuple, list)):
+        if not element:
+            raise ValueError("empty batch")
+        return element[0], (element[1] if len(element) > 1 else None)
+    if isinstance(element, Mapping):
+        raise TypeError("dict batches are not supported: pass (x, y) tuples or arrays")
+    return element, None
+
+
+def _batches(model, data, batch_size: int, max_batches: int, seed: int):
+    """Up to ``max_batches`` (x, y) pairs (y may be None)."""
+    if data is None:
+        shape = model.input_shape if hasattr(model, "input_shape") else None
+        if isinstance(shape, list):
+            raise ValueError("data=None needs a single-input model; pass data=")
+        if shape is None or any(d is None for d in shape[1:]):
+            raise ValueError("data=None needs a model with a fully known input shape; "
+                             "pass data=")
+        rng = np.random.default_rng(seed)
+        for _ in range(max_batches):
+            yield rng.standard_normal((batch_size,) + tuple(shape[1:])).astype("float32"), None
+        return
+    if isinstance(data, tuple) and len(data) in (1, 2) and not _is_dataset(data):
+        x = data[0]
+        y = data[1] if len(data) == 2 else None
+        count = len(x)
+        for i in range(max_batches):
+            lo = i * batch_size
+            if lo >= count:
+                break
+            yield x[lo:lo + batch_size], (None if y is None else y[lo:lo + batch_size])
+        return
+    if isinstance(data, np.ndarray) or hasattr(data, "numpy") and hasattr(data, "shape"):
+        for i in range(max_batches):
+            lo = i * batch_size
+            if lo >= len(data):
+                break
+            yield data[lo:lo + batch_size], None
+        return
+    for i, element in enumerate(data):  # tf.data.Dataset or any iterable of batches
+        if i >= max_batches:
+            break
+        yield _split(element)
+
+
+def _is_dataset(data) -> bool:
+    return type(data).__name__.endswith("Dataset")
+
+
+# ---------------------------------------------------------------------------------------
+# Sparsity measurement
+# ---------------------------------------------------------------------------------------
+class _Recorder:
+    """Temporarily hooks every GEMM layer to record its input and pre-activation output."""
+
+    def __init__(self, layers, tape, tf):
+        self.layers = layers
+        self.tape = tape
+        self.tf = tf
+        self.records: Dict[int, List[list]] = {id(l): [] for l in layers}
+        self._saved = []
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._hook(layer)
+        return self
+
+    def _hook(self, layer):
+        records = self.records[id(layer)]
+        tape = self.tape
+        original_call = layer.call
+        original_activation = layer.activation
+        pending = []
+
+        executing_eagerly = self.tf.executing_eagerly
+
+        # Keras may also call the layer symbolically (to build a subclassed model):
+        # only eager calls, whose tensors the tape sees, are recorded.
+        def call(inputs, *args, **kwargs):
+            if executing_eagerly():
+                pending.append(inputs)
+            return original_call(inputs, *args, **kwargs)
+
+        def activation(z):
+            if executing_eagerly():
+                tape.watch(z)
+                records.append([pending.pop() if pending else None, z])
+            return original_activation(z) if original_activation is not None else z
+
+        had_call = "call" in layer.__dict__
+        self._saved.append((layer, had_call, layer.__dict__.get("call"), original_activation))
+        object.__setattr__(layer, "call", call)
+        object.__setattr__(layer, "activation", activation)
+
+    def __exit__(self, *exc):
+        for layer, had_call, call, activation in reversed(self._saved):
+            if had_call:
+                object.__setattr__(layer, "call", call)
+            else:
+                object.__delattr__(layer, "call")
+            object.__setattr__(layer, "activation", activation)
+        self._saved = []
+        return False
+
+
+def _indicator(t, tf):
+    return tf.cast(tf.not_equal(t, 0), tf.float32)
+
+
+def _conv_counts(layer, x, dy, tf) -> Dict[str, Tuple[float, float]]:
+    """Sums of non-zero product counts and numbers of outputs, per GEMM, for one call."""
+    channels_first = layer.data_format == "channels_first"
+    x1 = _indicator(x, tf)
+    d1 = _indicator(dy, tf)
+    if channels_first:
+        x1 = tf.transpose(x1, [0, 2, 3, 1])
+        d1 = tf.transpose(d1, [0, 2, 3, 1])
+    w1 = _indicator(layer.kernel, tf)
+    groups = getattr(layer, "groups", 1) or 1
+    strides = tuple(layer.strides)
+    dilations = tuple(layer.dilation_rate)
+    padding = layer.padding.upper()
+    totals = {g: [0.0, 0.0] for g in GEMMS}
+    xs = tf.split(x1, groups, axis=-1) if groups > 1 else [x1]
+    ws = tf.split(w1, groups, axis=-1) if groups > 1 else [w1]
+    ds = tf.split(d1, groups, axis=-1) if groups > 1 else [d1]
+    for xg, wg, dg in zip(xs, ws, ds):
+        with tf.GradientTape() as tape:
+            tape.watch([xg, wg])
+            y = tf.nn.convolution(xg, wg, strides=strides, padding=padding,
+                                  dilations=dilations)
+            total = tf.reduce_sum(y * dg)
+        gx, gw = tape.gradient(total, [xg, wg])
+        # y: FWD counts per output; gx: BWD counts per dx element; gw: GRAD counts per dw.
+        for g, t in (("fwd", y), ("bwd", gx), ("grad", gw)):
+            totals[g][0] += float(tf.reduce_sum(t))
+            totals[g][1] += float(tf.size(t))
+    return {g: (v[0], v[1]) for g, v in totals.items()}
+
+
+def _dense_counts(layer, x, dy, tf) -> Dict[str, Tuple[float, float]]:
+    units = layer.units
+    x1 = tf.reshape(_indicator(x, tf), [-1, x.shape[-1]])
+    d1 = tf.reshape(_indicator(dy, tf), [-1, units])
+    w1 = _indicator(layer.kernel, tf)
+    fwd = tf.matmul(x1, w1)
+    bwd = tf.matmul(d1, w1, transpose_b=True)
+    grad = tf.matmul(x1, d1, transpose_a=True)
+    return {g: (float(tf.reduce_sum(t)), float(tf.size(t)))
+            for g, t in (("fwd", fwd), ("bwd", bwd), ("grad", grad))}
+
+
+def _looks_like_probabilities(outputs, tf) -> bool:
+    sums = tf.reduce_sum(outputs, axis=-1)
+    return bool(tf.reduce_all(outputs >= 0)) and bool(
+        tf.reduce_all(tf.abs(sums - 1.0) < 1e-3))
+
+
+def _sparse_ce(labels, outputs, from_logits, tf):
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+    outputs = tf.reshape(outputs, [tf.shape(labels)[0], -1])
+    if from_logits:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
+    picked = tf.gather(outputs, labels, axis=1, batch_dims=1)
+    return -tf.math.log(tf.maximum(picked, 1e-12))
+
+
+def _dense_ce(targets, outputs, from_logits, tf):
+    if from_logits:
+        return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=outputs)
+    return -tf.reduce_sum(targets * tf.math.log(tf.maximum(outputs, 1e-12)), axis=-1)
+
+
+def _loss_value(outputs, y, loss, tf):
+    if loss is not None:
+        if y is None:
+            raise ValueError("a custom loss needs labels: pass data as (x, y) batches")
+        return loss(y, outputs)
+    if isinstance(outputs, (list, tuple)):
+        raise ValueError("the model has several outputs: pass loss=")
+    from_logits = not _looks_like_probabilities(outputs, tf)
+    if y is None:
+        # No labels: the model's own predictions as targets. The errors still vanish
+        # exactly where the network's activations do, which is what sparsity measures.
+        labels = tf.stop_gradient(tf.argmax(outputs, axis=-1))
+        return tf.reduce_mean(_sparse_ce(labels, outputs, from_logits, tf))
+    y = tf.convert_to_tensor(y)
+    if y.dtype.is_integer or y.shape.rank == outputs.shape.rank - 1:
+        return tf.reduce_mean(_sparse_ce(y, outputs, from_logits, tf))
+    return tf.reduce_mean(_dense_ce(tf.cast(y, outputs.dtype), outputs, from_logits, tf))
+
+
+def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int = 4,
+                     loss: Optional[Callable] = None, training: bool = True,
+                     seed: int = 0, return_shapes: bool = False):
+    """Measure, per Dense/Conv2D layer, the fraction of zero products of its three GEMMs.
+
+    Args:
+      model: a Keras model (Functional, Sequential or subclassed).
+      data: ``(x, y)`` arrays, an array ``x``, a ``tf.data.Dataset`` or any iterable of
+        ``(x, y)``/``x`` batches; ``None`` draws ``N(0, 1)`` inputs of the model's input
+        shape (a weak stand-in for real data).
+      batch_size: batch size used to slice arrays (and for synthetic inputs).
+      max_batches: how many batches to average over.
+      loss: ``loss(y_true, y_pred) -> scalar``; default cross-entropy on the labels
+        (integer or one-hot; logits or probabilities detected from the outputs), or on
+        the model's own arg-max predictions when the batches carry no labels.
+      training: call the model in training mode (batch statistics, dropout), as in
+        training. Non-trainable variables (BatchNorm moving statistics, RNG state) are
+        restored afterwards, so the model is unchanged.
+      seed: for synthetic inputs.
+      return_shapes: also return ``{layer_name: [(input_shape, output_shape), ...]}``
+        as recorded (the measured batch size in front).
+
+    Returns:
+      ``{layer_name: {"fwd": s, "bwd": s, "grad": s}}`` with ``s = 1 - mean non-zero
+      products per output / length``, in ``[0, 1]``; with ``return_shapes``, a pair.
+    """
+    import tensorflow as tf  # noqa: WPS433
+
+    keras = _keras()
+    layers = gemm_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
+    sums = {id(l): {g: [0.0, 0.0] for g in GEMMS} for l in layers}
+    shapes: Dict[str, List[Tuple[tuple, tuple]]] = {l.name: [] for l in layers}
+    saved = [(v, v.numpy()) for v in model.non_trainable_variables] if training else []
+    batches = 0
+    try:
+        for x, y in _batches(model, data, batch_size, max_batches, seed):
+            batches += 1
+            with tf.GradientTape(persistent=False) as tape:
+                with _Recorder(layers, tape, tf) as recorder:
+                    outputs = model(x, training=training)
+                value = _loss_value(outputs, y, loss, tf)
+            calls = [(layer, rec) for layer in layers for rec in recorder.records[id(layer)]]
+            zs = [rec[1] for _, rec in calls]
+            grads = tape.gradient(value, zs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for (layer, (x_in, z)), dz in zip(calls, grads):
+                if x_in is None:
+                    continue
+                x_in = tf.convert_to_tensor(x_in)
+                pair = (tuple(x_in.shape), tuple(z.shape))
+                if pair not in shapes[layer.name]:
+                    shapes[layer.name].append(pair)
+                if isinstance(layer, keras.layers.Conv2D):
+                    counts = _conv_counts(layer, x_in, dz, tf)
+                else:
+                    counts = _dense_counts(layer, x_in, dz, tf)
+                lengths = layer_lengths(layer, pair[0], pair[1], int(pair[0][0]))
+                for g in GEMMS:
+                    total, outputs_count = counts[g]
+                    sums[id(layer)][g][0] += total
+                    sums[id(layer)][g][1] += outputs_count * lengths[g]
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+    if batches == 0:
+        raise ValueError("measure_sparsity got no batches from data")
+    result = {}
+    for layer in layers:
+        entry = {}
+        for g in GEMMS:
+            nonzero, possible = sums[id(layer)][g]
+            entry[g] = 0.0 if possible == 0 else min(1.0, max(0.0, 1.0 - nonzero / possible))
+        result[layer.name] = entry
+    return (result, shapes) if return_shapes else result
+
+
+# ---------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------
+def _sparsity_for(spec, name: str) -> Dict[str, float]:
+    if spec is None:
+        return {g: 0.0 for g in GEMMS}
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return {g: float(spec) for g in GEMMS}
+    if isinstance(spec, Mapping):
+        if name not in spec:
+            raise ValueError(f"the sparsity mapping has no entry for layer {name!r}")
+        entry = spec[name]
+        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            return {g: float(entry) for g in GEMMS}
+        if isinstance(entry, Mapping):
+            return {g: float(entry.get(g, 0.0)) for g in GEMMS}
+    raise TypeError(f"invalid sparsity entry for layer {name!r}: {spec!r}")
+
+
+def _check_fraction(value: float, what: str) -> float:
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{what} must be a fraction in [0, 1], got {value}")
+    return value
+
+
+def _predict_bits(length: int, effective: int, chunk_size: int, mp: int, cutoff: float,
+                  method: str, mc_kwargs) -> Tuple[int, int]:
+    """(chunked bits, sequential bits) for one GEMM."""
+    if effective <= 0:
+        return 0, 0
+    seq = min_mantissa_bits(effective, mp, 0, cutoff, method, **mc_kwargs)
+    if chunk_size == 0 or chunk_size >= length:
+        return seq, seq
+    effective_chunk = max(1, int(round(chunk_size * effective / length)))
+    # A chunk never holds more non-zero products than the whole sum.
+    effective_chunk = min(effective_chunk, effective)
+    chunked = min_mantissa_bits(effective, mp, effective_chunk, cutoff, method, **mc_kwargs)
+    return chunked, seq
+
+
+def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: int = 0,
+            data=None, sparsity: SparsityLike = "measure", cutoff: float = 50.0,
+            exponent_bits: int = 6, *, method: str = "analytical", operands=None,
+            product=None, rounding: str = "nearest_even", max_batches: int = 4,
+            measure_batch_size: Optional[int] = None, loss: Optional[Callable] = None,
+            training: bool = True, seed: int = 0, trials: int = 1000) -> PrecisionPlan:
+    """Predict the accumulator mantissa bits of every GEMM of ``model``.
+
+    Args:
+      model: a Keras model; every ``Dense``/``Conv2D`` layer (and tfaccum twin) gets an
+        entry. Layers must have been called (Functional/Sequential models always are;
+        a subclassed model needs ``data`` or must have been called on data).
+      batch_size: the training batch size (it sets the GRAD lengths).
+      product_mantissa_bits: ``m_p`` of the products (5: FP8 E5M2 operands multiplied
+        exactly, as in the paper; 23: float32 operands).
+      chunk_size: 0 for sequential accumulation, else the chunk size; the plan then
+        also records the sequential prediction of every GEMM.
+      data: batches for measuring sparsity (see :func:`measure_sparsity`).
+      sparsity: ``"measure"`` (measure on ``data``, or on N(0, 1) inputs if it is None),
+        a fraction for every GEMM, ``None`` (no zeros: effective length = length), or a
+        mapping ``{layer: fraction or {"fwd": s, "bwd": s, "grad": s}}`` (e.g. the output
+        of :func:`measure_sparsity`).
+      cutoff: the criterion ``v(n) < cutoff`` (50).
+      exponent_bits: accumulator exponent bits for the plan's policies (6 in the paper).
+      method: ``"analytical"`` or ``"monte_carlo"`` (slow: kernels for every GEMM).
+      operands, product, rounding: settings recorded in the plan and used by
+        ``plan.policies()`` (operand rounding format, product rounding format or None
+        for exact products, accumulator rounding mode).
+      max_batches, measure_batch_size, loss, training, seed: passed to
+        :func:`measure_sparsity` (``measure_batch_size`` defaults to
+        ``min(batch_size, 32)``).
+      trials: Monte Carlo trials per estimate when ``method="monte_carlo"``.
+
+    Returns:
+      A :class:`PrecisionPlan`.
+    """
+    keras = _keras()
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"predict expects a keras.Model, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0, got {chunk_size!r}")
+    if method not in ("analytical", "monte_carlo"):
+        raise ValueError(f"method must be 'analytical' or 'monte_carlo', got {method!r}")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if isinstance(exponent_bits, bool) or not isinstance(exponent_bits, int) \
+            or not 2 <= exponent_bits <= 8:
+        raise ValueError(f"exponent_bits must be an int in 2..8, got {exponent_bits!r}")
+    if isinstance(product_mantissa_bits, bool) or not isinstance(product_mantissa_bits, int) \
+            or not 0 <= product_mantissa_bits <= 23:
+        raise ValueError(f"product_mantissa_bits must be an int in 0..23, "
+                         f"got {product_mantissa_bits!r}")
+    operands = None if operands is None else as_format(operands)
+    product = None if product is None else as_format(product)
+    layers = gemm_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
+
+    measured_shapes: Dict[str, list] = {}
+    if isinstance(sparsity, str):
+        if sparsity != "measure":
+            raise ValueError(f"sparsity must be 'measure', a fraction, None or a mapping, "
+                             f"got {sparsity!r}")
+        spec, measured_shapes = measure_sparsity(
+            model, data, batch_size=measure_batch_size or min(batch_size, 32),
+            max_batches=max_batches, loss=loss, training=training, seed=seed,
+            return_shapes=True)
+        description = "measured" if data is not None else "measured (synthetic N(0,1) inputs)"
+    elif sparsity is None:
+        spec, description = None, "none"
+    elif isinstance(sparsity, Mapping):
+        spec, description = sparsity, "given"
+    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        spec = _check_fraction(float(sparsity), "sparsity")
+        description = f"given {spec:g}"
+    else:
+        raise TypeError(f"sparsity must be 'measure', a fraction, None or a mapping, "
+                        f"got {type(sparsity).__name__}")
+
+    mc_kwargs = {"trials": trials, "seed": seed} if method == "monte_carlo" else {}
+    entries = []
+    for layer in layers:
+        pairs = _node_shapes(layer) or measured_shapes.get(layer.name, [])
+        if not pairs:
+            raise ValueError(f"layer {layer.name!r} has never been called, so its input "
+                             "shape is unknown: call the model on data first or pass data=")
+        if len({p for p in pairs}) > 1:
+            warnings.warn(f"layer {layer.name!r} is called on several shapes; the plan uses "
+                          "the longest accumulation of each GEMM", RuntimeWarning,
+                          stacklevel=2)
+        lengths = {g: 0 for g in GEMMS}
+        for in_shape, out_shape in pairs:
+            for g, n in layer_lengths(layer, in_shape, out_shape, batch_size).items():
+                lengths[g] = max(lengths[g], n)
+        fractions = _sparsity_for(spec, layer.name)
+        gemms = {}
+        for g in GEMMS:
+            s = _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
+            n = lengths[g]
+            effective = int(round((1.0 - s) * n))
+            chunked, seq = _predict_bits(n, effective, chunk_size, product_mantissa_bits,
+                                         cutoff, method, mc_kwargs)
+            gemms[g] = GemmPrediction(length=n, effective_length=effective, sparsity=s,
+                                      mantissa_bits=chunked,
+                                      sequential_mantissa_bits=seq if chunk_size else None)
+        entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__, **gemms))
+    return PrecisionPlan(layers=tuple(entries), batch_size=batch_size,
+                         product_mantissa_bits=product_mantissa_bits, chunk_size=chunk_size,
+                         cutoff=float(cutoff), exponent_bits=exponent_bits, method=method,
+                         sparsity=description, operands=operands, product=product,
+                         rounding=rounding, model=model.name)

@@ -87,9 +87,10 @@ def build_library(out_path, cuda=False, verbose=False, jobs=None):
             obj = os.path.join(BUILD_DIR, os.path.basename(path) + ".o")
             objects.append(obj)
             if _stale(obj, [path] + headers):
+                # --fmad=false: TwoSum must not be contracted; -ftz=false: keep subnormals.
                 jobs_list.append([nvcc, "-c", path, "-o", obj, "-O3", "--fmad=false",
-                                  "-std=c++17", "-Xcompiler", "-fPIC", "-I" + CC_DIR] +
-                                 cuda_arch_flags())
+                                  "-ftz=false", "--threads", "0", "-std=c++17", "-Xcompiler",
+                                  "-fPIC", "-I" + CC_DIR] + cuda_arch_flags())
         # Static, hidden CUDA runtime placed before TF's link flags (platform.md).
         cuda_libs = ["-L" + os.path.join(cuda_home(), "lib64"), "-l:libcudart_static.a",
                      "-Wl,--exclude-libs,ALL", "-ldl", "-lrt", "-lpthread"]
@@ -111,6 +112,8 @@ def cuda_arch_flags():
     flags = []
     for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX of the newest architecture, so that newer GPUs can JIT-compile it.
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
     return flags
 
 

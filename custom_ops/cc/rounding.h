@@ -249,6 +249,18 @@ TFACCUM_HD D add_round_to_odd(D s, D p) {
   return from_bits(bits);
 }
 
+#if defined(__CUDA_ARCH__)
+// The same round-to-odd sum from the GPU's directed-rounding adds: when the sum is
+// inexact, the toward-zero sum with its last bit set is the odd neighbour on the exact
+// value's side (round-to-odd is unique, so this equals the generic form; NaN and Inf
+// give an "exact" comparison and pass through unchanged).
+__device__ __forceinline__ double add_round_to_odd(double s, double p) {
+  const double toward_zero = __dadd_rz(s, p);
+  const bool inexact = __dadd_rd(s, p) < __dadd_ru(s, p);
+  return inexact ? __longlong_as_double(__double_as_longlong(toward_zero) | 1) : toward_zero;
+}
+#endif
+
 // One accumulation step: Q_F(s + p) of the exact sum.
 template <int R, class D, class U>
 TFACCUM_HD D accumulate(D s, D p, const FormatParams& f, U rbits) {

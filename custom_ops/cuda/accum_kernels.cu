@@ -9,12 +9,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 #include "accum_kernels.cuh"
 #include "accum_launchers.h"
-
-#if defined(__CUDACC__) && !defined(__CUDACC_RTC__) && defined(__FMA_CONTRACT__)
-#error "compile with --fmad=false"
-#endif
 
 namespace tfaccum {
 namespace cuda {
@@ -67,16 +65,20 @@ cudaError_t launch_tiles(GemmDesc d, const AccumParams& p, cudaStream_t stream) 
 }
 
 // Tile shapes: (TM, TN) outputs per thread, TX x TY threads.
-enum TileShape { kLarge, kMedium, kSmall };
+enum TileShape { kLarge = 0, kMedium = 1, kSmall = 2 };
 
+std::atomic<int> g_forced_shape{-1};  // tfaccum_cuda_set_tile_shape (tests only)
+
+// Stochastic rounding keeps a generator key per output in registers: it gets no 4 x 4
+// tiles (they need about 250 of a thread's 255 registers, on the edge of spilling).
 template <int R, bool kProduct>
 cudaError_t launch_shape(TileShape shape, const GemmDesc& d, const AccumParams& p,
                          cudaStream_t stream) {
-  switch (shape) {
-    case kLarge: return launch_tiles<R, kProduct, 4, 4, 16, 16>(d, p, stream);   // 64 x 64
-    case kMedium: return launch_tiles<R, kProduct, 2, 2, 16, 16>(d, p, stream);  // 32 x 32
-    default: return launch_tiles<R, kProduct, 1, 1, 8, 8>(d, p, stream);         // 8 x 8
+  if constexpr (R != kStochastic) {
+    if (shape == kLarge) return launch_tiles<R, kProduct, 4, 4, 16, 16>(d, p, stream);  // 64^2
   }
+  if (shape != kSmall) return launch_tiles<R, kProduct, 2, 2, 16, 16>(d, p, stream);  // 32^2
+  return launch_tiles<R, kProduct, 1, 1, 8, 8>(d, p, stream);                          // 8^2
 }
 
 int64_t tile_count(const GemmDesc& d, int64_t bm, int64_t bn) {
@@ -95,9 +97,11 @@ cudaError_t launch_gemm(const GemmDesc& d, const AccumParams* p, cudaStream_t st
   if (err != cudaSuccess) return err;
   // The largest tiles that still give every multiprocessor several blocks; small
   // problems (few outputs, long sums) are latency-bound and want many small blocks.
-  const TileShape shape = tile_count(d, 64, 64) >= 4 * sms   ? kLarge
-                          : tile_count(d, 32, 32) >= 3 * sms ? kMedium
-                                                             : kSmall;
+  const int forced = g_forced_shape.load(std::memory_order_relaxed);
+  const TileShape shape = forced >= kLarge && forced <= kSmall ? static_cast<TileShape>(forced)
+                          : tile_count(d, 64, 64) >= 4 * sms   ? kLarge
+                          : tile_count(d, 32, 32) >= 3 * sms   ? kMedium
+                                                               : kSmall;
   const bool product = p->has_product != 0;
   switch (p->rounding) {
     case kNearestEven:
@@ -172,13 +176,16 @@ int tfaccum_cuda_quantize(const float* x, float* y, int64_t n, const FormatParam
   const unsigned blocks = static_cast<unsigned>(wanted < 32 * sms ? wanted : 32 * sms);
   switch (rounding) {
     case tfaccum::kNearestEven:
-      tc::quantize_kernel<tfaccum::kNearestEven><<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
+      tc::quantize_kernel<tfaccum::kNearestEven>
+          <<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
       break;
     case tfaccum::kTowardZero:
-      tc::quantize_kernel<tfaccum::kTowardZero><<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
+      tc::quantize_kernel<tfaccum::kTowardZero>
+          <<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
       break;
     default:
-      tc::quantize_kernel<tfaccum::kStochastic><<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
+      tc::quantize_kernel<tfaccum::kStochastic>
+          <<<blocks, kThreads, 0, stream>>>(x, y, n, *format, seed);
       break;
   }
   return cudaGetLastError();
@@ -186,6 +193,10 @@ int tfaccum_cuda_quantize(const float* x, float* y, int64_t n, const FormatParam
 
 const char* tfaccum_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+void tfaccum_cuda_set_tile_shape(int32_t shape) {
+  tfaccum::cuda::g_forced_shape.store(shape, std::memory_order_relaxed);
 }
 
 int32_t tfaccum_cuda_abi_version(void) { return TFACCUM_CUDA_ABI_VERSION; }

@@ -61,6 +61,11 @@ int tfaccum_cuda_quantize(const float* x, float* y, int64_t n,
 // The name of a launcher's return code.
 const char* tfaccum_cuda_error_string(int code);
 
+// Tests only: forces the tile shape of every later launch (0: 64 x 64 outputs per block,
+// 4 x 4 per thread, not used for stochastic rounding; 1: 32 x 32, 2 x 2; 2: 8 x 8, 1 x 1);
+// -1 restores the automatic choice. Results never depend on it.
+void tfaccum_cuda_set_tile_shape(int32_t shape);
+
 // ---- Helpers for callers without the C++ structs (ctypes) ----------------------------
 // They fill opaque buffers of the reported sizes; each returns nullptr or a message.
 

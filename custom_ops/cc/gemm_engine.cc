@@ -60,14 +60,42 @@ constexpr int kTileCols = kTileVecs * kLanes;  // 16 outputs
 using TileD = VecD[kTileRows][kTileVecs];
 using TileU = VecU[kTileRows][kTileVecs];
 
-// Accumulates one tile. a_panel: kTileRows x K; b_packed: K x ldb, starting at the
-// tile's first column. keys: the generator key of each output (stochastic only).
-template <int R, bool kRoundedProducts>
-TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
+// One rounding in the tile loop. The checked form applies the range rules (subnormal
+// flush, overflow policy, NaN/Inf) at every step. The unchecked form skips them and
+// instead records in `ok` whether every result was finite and in range, in which case
+// the range rules were the identity (when no format flushes subnormals): the caller then
+// keeps the tile, and otherwise recomputes it checked. Overflow and NaN/Inf are rare, so
+// the common case saves the range logic on every addition.
+template <int R, bool kChecked>
+struct TileRounding {
+  VecD check = {};  // stays 0 while every unchecked result is in range (see range_check)
+
+  TFACCUM_INLINE VecD quantize(VecD x, const FormatParams& f, VecU rbits) {
+    if (kChecked) return tfaccum::quantize<R>(x, f, rbits);
+    const VecD r = round_to_grid<R>(x, f, rbits);
+    check += range_check(r, f);
+    return r;
+  }
+  TFACCUM_INLINE VecD accumulate(VecD s, VecD p, const FormatParams& f, VecU rbits) {
+    return quantize(add_round_to_odd(s, p), f, rbits);
+  }
+  TFACCUM_INLINE bool all_ok() const {
+    bool all = true;
+    for (int lane = 0; lane < kLanes; ++lane) all &= check[lane] == 0.0;
+    return all;
+  }
+};
+
+// Accumulates one tile; returns false when an unchecked run must be redone checked.
+// a_panel: kTileRows x K; b_packed: K x ldb, starting at the tile's first column.
+// keys: the generator key of each output (stochastic only).
+template <int R, bool kRoundedProducts, bool kChecked>
+TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
                                    const double* __restrict a_panel,
                                    const double* __restrict b_packed, int64_t ldb,
                                    const TileU& keys, TileD& out) {
   constexpr bool kRandom = (R == kStochastic);
+  TileRounding<R, kChecked> rounding;
   const bool chunked = params.chunk_size > 0;
   const int64_t chunk = chunked ? params.chunk_size : K;
   const VecU no_bits = {};
@@ -86,10 +114,11 @@ TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
         for (int v = 0; v < kTileVecs; ++v) {
           VecD p = a * b_row[v];  // exact
           if (kRoundedProducts) {
-            p = quantize<R>(p, params.product,
-                            kRandom ? random_bits24(keys[r][v], product_counter(k)) : no_bits);
+            p = rounding.quantize(
+                p, params.product,
+                kRandom ? random_bits24(keys[r][v], product_counter(k)) : no_bits);
           }
-          partial[r][v] = accumulate<R>(
+          partial[r][v] = rounding.accumulate(
               partial[r][v], p, params.accumulator,
               kRandom ? random_bits24(keys[r][v], accumulate_counter(k)) : no_bits);
         }
@@ -97,16 +126,16 @@ TFACCUM_INLINE void AccumulateTile(const AccumParams& params, int64_t K,
     }
     for (int r = 0; r < kTileRows; ++r)
       for (int v = 0; v < kTileVecs; ++v) {
-        total[r][v] = chunked ? accumulate<R>(total[r][v], partial[r][v],
-                                              params.chunk_accumulator,
-                                              kRandom ? random_bits24(keys[r][v],
-                                                                      chunk_counter(chunk_index))
-                                                      : no_bits)
-                              : partial[r][v];
+        total[r][v] =
+            chunked ? rounding.accumulate(
+                          total[r][v], partial[r][v], params.chunk_accumulator,
+                          kRandom ? random_bits24(keys[r][v], chunk_counter(chunk_index)) : no_bits)
+                    : partial[r][v];
       }
   }
   for (int r = 0; r < kTileRows; ++r)
     for (int v = 0; v < kTileVecs; ++v) out[r][v] = total[r][v];
+  return kChecked || rounding.all_ok();
 }
 
 struct TileJob {
@@ -124,9 +153,14 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   const AccumParams& p = *job.params;
   const TileU& keys = *job.keys;
   TileD& out = *job.out;
-  // One instantiation per rounding mode and product handling.
-#define TFACCUM_TILE(R, PRODUCT) \
-  return AccumulateTile<R, PRODUCT>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, out)
+  // One instantiation per rounding mode, product handling and range checking.
+#define TFACCUM_TILE(R, PRODUCT)                                                          \
+  if (!p.flushes_subnormals &&                                                            \
+      AccumulateTile<R, PRODUCT, false>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, \
+                                        out))                                             \
+    return;                                                                               \
+  AccumulateTile<R, PRODUCT, true>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, out); \
+  return
   switch (p.rounding * 2 + (p.has_product ? 1 : 0)) {
     case kNearestEven * 2: TFACCUM_TILE(kNearestEven, false);
     case kNearestEven * 2 + 1: TFACCUM_TILE(kNearestEven, true);

@@ -56,6 +56,7 @@ struct FormatParams {
   double max_value;     // largest finite value
   double flush_below;   // results with magnitude below this become signed zeros
   double overflow_value;     // what an overflowing nearest/stochastic rounding gives
+  double overflow_probe;     // 2^(1023 - emax): overflows binary64 exactly above max_value
 };
 
 // Everything one GEMM needs to know about its accumulation (numerics.md section 3).
@@ -67,6 +68,7 @@ struct AccumParams {
   int32_t rounding;      // Rounding
   int64_t chunk_size;    // 0: sequential
   uint64_t seed;
+  int32_t flushes_subnormals;  // some format used has subnormals off
 };
 
 // ---- Lane-generic primitives ---------------------------------------------------------
@@ -150,6 +152,7 @@ inline FormatParams make_format_params(const Format& f, int32_t rounding) {
   p.units_offset = (2046 + 24 + m) << 52;  // field = 1023 + 24 + m - (E_field - 1023)
   p.max_value = (2.0 - pow2_d(-m)) * pow2_d(bias);
   p.flush_below = f.subnormals ? 0.0 : pow2_d(emin);
+  p.overflow_probe = pow2_d(1023 - bias);
   const bool to_inf = f.overflow_inf && rounding != kTowardZero;
   p.overflow_value = to_inf ? from_bits(0x7ff0000000000000ULL) : p.max_value;
   return p;
@@ -192,9 +195,8 @@ TFACCUM_HD uint64_t chunk_counter(int64_t j) { return 3 * static_cast<uint64_t>(
 // rounded once to nearest-even on that grid (C is an even multiple of u), and
 // (x + C) - C recovers it exactly.
 template <int R, class D, class U>
-TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
-  const U x_bits = to_bits(x);
-  const U exponent = x_bits & 0x7ff0000000000000ULL;                   // E_field << 52
+TFACCUM_HD D round_to_grid(D x, const FormatParams& f, U rbits) {
+  const U exponent = to_bits(x) & 0x7ff0000000000000ULL;              // E_field << 52
   const U emin = U{} + (static_cast<uint64_t>(f.emin_field) << 52);
   const U e = select(exponent > emin, exponent, emin);
   const D magic = from_bits(e + static_cast<uint64_t>(f.magic_offset));  // 1.5 * 2^(E-m+52)
@@ -216,11 +218,35 @@ TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
       r = copysign_d(away, x);
     }
   }
+  return r;
+}
+
+// The range rules applied to round_to_grid's result r for input x: subnormal flush,
+// overflow policy, NaN and Inf passing through.
+template <class D>
+TFACCUM_HD D apply_range(D x, D r, const FormatParams& f) {
   const D magnitude = abs_d(r);
   r = select(magnitude < f.flush_below, copysign_d(D{}, r), r);
   r = select(magnitude > f.max_value, copysign_d(D{} + f.overflow_value, x), r);
-  const U special = U{} + 0x7ff0000000000000ULL;
-  return select(exponent == special, x, r);  // NaN and Inf pass through
+  const auto exponent = to_bits(x) & 0x7ff0000000000000ULL;
+  return select(exponent == 0x7ff0000000000000ULL, x, r);  // NaN and Inf pass through
+}
+
+// Q_F(x): rounds x to the format under mode R, range rules included.
+template <int R, class D, class U>
+TFACCUM_HD D quantize(D x, const FormatParams& f, U rbits) {
+  return apply_range(x, round_to_grid<R>(x, f, rbits), f);
+}
+
+// Zero where apply_range is the identity when subnormals are kept (round_to_grid's
+// result r finite and at most the largest value), NaN elsewhere: results above the
+// largest value lie on the grid at 2^(emax+1) or beyond, and the scaling overflows them
+// to Inf, so probe - probe is NaN exactly for them and for NaN/Inf. No masks involved:
+// a caller sums these to check many steps at once.
+template <class D>
+TFACCUM_HD D range_check(D r, const FormatParams& f) {
+  const D probe = r * f.overflow_probe;
+  return probe - probe;
 }
 
 

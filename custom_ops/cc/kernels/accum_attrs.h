@@ -69,6 +69,8 @@ inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
   params->chunk_accumulator = make_format_params(chunk, params->rounding);
   params->chunk_size = chunk_size;
   params->seed = static_cast<uint64_t>(seed);
+  params->flushes_subnormals =
+      !acc.subnormals || !chunk.subnormals || (params->has_product && !prod.subnormals);
   return absl::OkStatus();
 }
 

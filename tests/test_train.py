@@ -1,0 +1,319 @@
+"""The training driver ``python -m tfaccum.train`` end to end, on tiny budgets.
+
+In-process where possible (TensorFlow is imported once); in a subprocess where the
+process itself is the point (killed runs, error lines, logical devices, TensorBoard).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# digits_cnn on a slice of digits: 8 steps per epoch, the probe every 4 steps.
+TINY = ["--max_train_examples=256", "--max_test_examples=128", "--batch_size=32",
+        "--health_every_steps=4", "--health_batch_size=32"]
+
+
+def train_main(*args) -> int:
+    from tfaccum import train
+
+    return train.main(["tfaccum.train", *args])
+
+
+def child_env():
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=path)
+
+
+def cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "tfaccum.train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def history(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def events(logdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def convergence(tmp_path_factory):
+    """A finished convergence experiment (fp32 baseline + predicted), two epochs."""
+    model_dir = tmp_path_factory.mktemp("convergence")
+    assert train_main("--experiment=convergence", "--epochs=2", f"--model_dir={model_dir}",
+                      *TINY) == 0
+    return model_dir
+
+
+def test_convergence_writes_summary_plan_and_results(convergence):
+    import csv
+
+    rows = list(csv.DictReader((convergence / "summary.csv").open()))
+    assert [r["run"] for r in rows] == ["fp32", "predicted"]
+    for row in rows:
+        assert row["epochs"] == "2"
+        assert 0.0 <= float(row["test_error_pct"]) <= 100.0
+        assert row["within_0.5pct"] in ("True", "False")
+    assert float(rows[0]["delta_vs_fp32_pct"]) == 0.0
+    assert "| predicted |" in (convergence / "summary.md").read_text()
+
+    plan = json.loads((convergence / "predicted" / "plan.json").read_text())
+    planned = {entry["layer"] for entry in plan["layers"]}
+    assert {"conv1", "conv2", "fc1", "predictions"} <= planned
+    policies = json.loads((convergence / "predicted" / "policies.json").read_text())
+    assert set(policies) == {"conv1", "conv2", "fc1"}  # the last layer is kept float32
+    assert json.loads((convergence / "fp32" / "policies.json").read_text()) == {}
+    result = json.loads((convergence / "predicted" / "result.json").read_text())
+    assert result["epochs"] == 2 and result["bits"].startswith("e6")
+
+
+def test_convergence_tensorboard_scalars_hparams_and_health(convergence):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for run in ("fp32", "predicted"):
+        train = events(convergence / run / "train")
+        assert {"loss", "accuracy", "learning_rate"} <= set(train.Tags()["tensors"])
+        assert [e.step for e in train.Tensors("loss")] == [8, 16]  # the true step
+        validation = events(convergence / run / "validation")
+        assert {"loss", "accuracy", "error"} <= set(validation.Tags()["tensors"])
+
+        root = events(convergence / run)
+        assert "_hparams_/session_start_info" in root.Tags()["tensors"]
+        content = root.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+        info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        assert info.hparams["policy"].string_value == run
+        assert info.hparams["offset"].number_value == 0
+        assert {"chunk_size", "acc_exponent_bits"} <= set(info.hparams)
+    assert "_hparams_/experiment" in events(convergence).Tags()["tensors"]
+
+    tags = set(events(convergence / "predicted" / "train").Tags()["tensors"])
+    for layer in ("conv1", "conv2", "fc1"):
+        for gemm in ("fwd", "bwd", "grad"):
+            assert f"accum_vrr/{layer}/{gemm}" in tags
+            assert f"accum_rel_error/{layer}/{gemm}" in tags
+            assert f"accum_retention/{layer}/{gemm}" in tags
+    assert not any("predictions" in t for t in tags if t.startswith("accum_"))
+    probes = events(convergence / "predicted" / "train").Tensors("accum_vrr/conv2/grad")
+    assert [e.step for e in probes] == [0, 4, 8, 12, 16]
+    assert not any(t.startswith("accum_") for t in
+                   events(convergence / "fp32" / "train").Tags()["tensors"])
+
+
+def test_finished_experiment_is_skipped(convergence, capsys):
+    t0 = time.time()
+    assert train_main("--experiment=convergence", "--epochs=2", f"--model_dir={convergence}",
+                      *TINY) == 0
+    out = capsys.readouterr().out
+    assert out.count("(skipped)") == 2 and time.time() - t0 < 30
+
+
+def test_other_settings_in_same_model_dir_are_refused(convergence, capsys):
+    assert train_main("--experiment=convergence", "--epochs=3", f"--model_dir={convergence}",
+                      *TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "epochs" in err and "\n" not in err
+
+
+def test_tensorboard_server_lists_runs(convergence):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={convergence}",
+         "--host=127.0.0.1", f"--port={port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs, deadline = None, time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
+                    runs = json.loads(r.read())
+                if "predicted/train" in runs:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert runs is not None, "TensorBoard did not answer"
+        assert {"fp32/train", "fp32/validation", "predicted/train",
+                "predicted/validation"} <= set(runs)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------
+def test_resume_continues_exactly_where_it_stopped(tmp_path, capsys):
+    """Interrupted after epoch 1, restarted: 3 epochs, each once, and bit for bit the
+    history of an uninterrupted run of the same seed."""
+    args = ["--policy=e6m10", "--epochs=3", "--health_every_steps=0", *TINY[:3]]
+    assert train_main(*args, f"--model_dir={tmp_path / 'a'}", "--interrupt_after_epochs=1") == 3
+    run = tmp_path / "a" / "e6m10"
+    assert [r["epoch"] for r in history(run)] == [1]
+    assert not (run / "result.json").exists()
+    assert train_main(*args, f"--model_dir={tmp_path / 'a'}") == 0
+    assert "resuming after epoch 1/3" in capsys.readouterr().out
+    resumed = history(run)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [8, 16, 24]
+    assert json.loads((run / "result.json").read_text())["epochs"] == 3
+
+    assert train_main(*args, f"--model_dir={tmp_path / 'b'}") == 0
+    straight = history(tmp_path / "b" / "e6m10")
+    for key in ("loss", "test_loss", "learning_rate"):
+        assert [r[key] for r in resumed] == [r[key] for r in straight]
+
+
+def test_killed_process_resumes(tmp_path):
+    """A real SIGKILL in the middle of a run; the restart finishes the epochs once."""
+    args = ["--policy=fp32", "--epochs=12", "--max_train_examples=256", "--batch_size=16",
+            f"--model_dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "tfaccum.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=child_env())
+    hist = tmp_path / "fp32" / "history.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if hist.exists() and len(hist.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(hist.read_text().splitlines())
+    assert 2 <= done_before < 12, "the run was not killed in the middle"
+
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "resuming after epoch" in second.stdout
+    assert [r["epoch"] for r in history(tmp_path / "fp32")] == list(range(1, 13))
+
+
+# --------------------------------------------------------------------------------------
+def test_tfds_path_with_mock_data(tmp_path, capsys):
+    """ResNet-32 on CIFAR-10 through tensorflow-datasets (mocked: no network, no files),
+    with the CIFAR augmentation; float32 to keep the test short."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=48):
+        assert train_main("--model=resnet32", "--dataset=cifar10", "--policy=fp32",
+                          "--epochs=1", "--batch_size=16", f"--data_dir={tmp_path / 'tfds'}",
+                          f"--model_dir={tmp_path / 'runs'}") == 0
+    assert "resnet32 on cifar10 (48 train / 48 test)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "runs" / "fp32" / "result.json").read_text())
+    assert result["epochs"] == 1 and result["steps"] == 3
+
+
+def test_layer_policies_keep_fixed_and_offset():
+    import keras
+
+    from tfaccum import models
+    from tfaccum.training import policies
+    from tfaccum.training.settings import RunSpec, Settings
+
+    keras.backend.clear_session()
+    model = models.digits_cnn()
+    settings = Settings.resolve({"keep_full_precision": ["first", "last"],
+                                 "operands": "fp8", "rounding": "stochastic"})
+    chosen = policies.layer_policies(RunSpec("e6m10", offset=-2, chunk_size=16), settings,
+                                     model)
+    assert list(chosen) == ["conv2", "fc1"]
+    for policy in chosen.values():
+        assert policy.fwd.accumulator.name == "e6m8" and policy.grad.chunk_size == 16
+        assert policy.operands.name == "e5m2" and policy.operands.overflow == "inf"
+        assert policy.bwd.rounding == "stochastic"
+    assert chosen["conv2"].fwd.seed != chosen["fc1"].fwd.seed
+    assert policies.describe(chosen) == "e6m8"
+    assert policies.layer_policies(RunSpec("fp32"), Settings.resolve({}), model) == {}
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    script = f"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfaccum import train
+sys.exit(train.main(["tfaccum.train", "--strategy=mirrored", "--policy=predicted",
+                     "--epochs=1", "--model_dir={tmp_path}", {', '.join(map(repr, TINY))}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 replicas" in proc.stdout
+    assert "batch 16 per replica" in proc.stdout  # the plan's GRAD length is per replica
+    result = json.loads((tmp_path / "predicted" / "result.json").read_text())
+    assert result["epochs"] == 1 and result["steps"] == 8
+
+
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--model=vgg99"], ["--model", "vgg99", "resnet32"]),
+    (["--model=resnet32", "--dataset=cifar10", "--data_dir={tmp}"],
+     ["--dataset=cifar10", "no prepared cifar10 data", "tfds build"]),
+])
+def test_bad_flags_give_one_error_line(args, words, tmp_path):
+    """As a user sees it: exit status 2, one ``error:`` line last, no traceback."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = cli(*args, f"--model_dir={tmp_path / 'runs'}", timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    for word in words:
+        assert word in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--policy=-3"], ["--policy", "negative"]),
+    (["--policy=e9m3"], ["--policy", "e9m3"]),
+    (["--acc_exponent_bits=-1"], ["--acc_exponent_bits", "2..8"]),
+    (["--epochs=zero"], ["--epochs"]),
+    (["--batch_size=0"], ["--batch_size", "> 0"]),
+    (["--experiment=tightness", "--policy=fp32"], ["--policy", "predicted"]),
+    (["--keep_full_precision=nosuchlayer", "--epochs=1"], ["nosuchlayer", "conv1"]),
+    (["--strategy=tpu"], ["--strategy", "mirrored"]),
+])
+def test_bad_flag_values_in_process(args, words, tmp_path, capsys):
+    assert train_main(*args, f"--model_dir={tmp_path}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word in err[0]
+
+
+def test_run_specs_of_the_experiments():
+    from tfaccum.training.settings import Settings
+
+    def names(**flags):
+        return [spec.name for spec in Settings.resolve(flags).run_specs()]
+
+    assert names(experiment="tightness") == ["fp32", "predicted", "predicted-1", "predicted-2"]
+    assert names(experiment="convergence", chunk_variants=["64"]) == [
+        "fp32", "predicted", "predicted_c64"]
+    assert names(experiment="tightness", policy="10", offsets=["-1"]) == [
+        "fp32", "e6m10", "e6m10-1"]
+    assert names(policy="e5m7", bits_offset=-2, chunk_size=32) == ["e5m7_c32-2"]
+    settings = Settings.resolve({"model": "resnet32"})
+    assert (settings.dataset, settings.batch_size, settings.learning_rate,
+            settings.lr_decay_at) == ("cifar10", 128, 0.1, (0.5, 0.75))
+    fp8 = Settings.resolve({"operands": "fp8"})
+    assert fp8.loss_scale == "dynamic" and fp8.product_mantissa_bits == 5

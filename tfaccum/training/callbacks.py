@@ -1,0 +1,274 @@
+"""TensorBoard output of a run, and the per-layer accumulation health probe.
+
+Layout of one run directory (``tensorboard --logdir <model_dir>`` shows every run)::
+
+    <run>/                  HParams of the run (policy, offset, chunk size, exponent bits)
+    <run>/train/            loss, accuracy, learning_rate; accum_vrr/*, accum_rel_error/*
+    <run>/validation/       loss, accuracy, error (test set, %)
+
+Every scalar is written at the true training step (the optimizer's iteration count), so
+train, test and health curves share one x axis.
+
+**Accumulation health.** Every ``every_steps`` steps the callback takes a fixed probe
+batch through the emulated model and, for each emulated layer, computes its three GEMMs
+on the layer's actual input ``x`` and actual back-propagated error ``dz`` (the gradient of
+the loss at the layer's pre-activation output) twice: with the layer's policy and
+exactly (float32 accumulation, the same operand rounding). It writes, per GEMM
+(``fwd``: ``x.w``, ``bwd``: ``dz.w^T``, ``grad``: ``x^T.dz``):
+
+* ``accum_vrr/<layer>/<gemm>``: the measured variance retention ratio
+  ``var(emulated) / var(exact)`` (the quantity the analysis predicts; 1 = nothing lost,
+  below 1 = variance swamped away);
+* ``accum_rel_error/<layer>/<gemm>``: ``||emulated - exact|| / ||exact||``;
+* ``accum_retention/<layer>/<gemm>``: ``1 - mean((emulated - exact)^2) / var(exact)``,
+  the VRR as ``tfaccum.analysis`` defines it, to set against the plan's criterion
+  ``exp(n_eff (1 - VRR)) < cutoff``. (The variance ratio above also moves with
+  rounding noise, which adds variance; this one counts every error as loss.)
+
+The probe runs from ``on_train_batch_end`` with the step read from the optimizer, not
+from inside ``Layer.call`` (where ``tf.summary`` would see a step frozen at trace time).
+BatchNorm and dropout run in inference mode, so probing changes no training state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Mapping, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from tfaccum.config import AccumPolicy
+from tfaccum.layers import AccumConv2D, AccumDense
+
+GEMMS = ("fwd", "bwd", "grad")
+
+# HParams shown for every run (the sweep's axes first).
+HPARAMS = {
+    "policy": hp.HParam("policy", display_name="policy"),
+    "offset": hp.HParam("offset", display_name="bits offset"),
+    "chunk_size": hp.HParam("chunk_size", display_name="chunk size"),
+    "acc_exponent_bits": hp.HParam("acc_exponent_bits", display_name="acc. exponent bits"),
+    "operands": hp.HParam("operands", display_name="operands"),
+    "bits": hp.HParam("bits", display_name="accumulator bits"),
+    "seed": hp.HParam("seed", display_name="seed"),
+}
+METRICS = [
+    hp.Metric("error", group="validation", display_name="test error (%)"),
+    hp.Metric("loss", group="validation", display_name="test loss"),
+    hp.Metric("loss", group="train", display_name="train loss"),
+]
+
+
+def write_hparams_config(logdir: str):
+    """The experiment's HParams definition, once, in ``<model_dir>/`` itself."""
+    if tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        return
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        hp.hparams_config(hparams=list(HPARAMS.values()), metrics=METRICS)
+    writer.close()
+
+
+class RunWriter:
+    """The event files of one run: ``train/``, ``validation/`` and HParams at the root."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.train = tf.summary.create_file_writer(os.path.join(run_dir, "train"))
+        self.validation = tf.summary.create_file_writer(os.path.join(run_dir, "validation"))
+
+    def hparams(self, values: Mapping[str, object], trial_id: str):
+        writer = tf.summary.create_file_writer(self.run_dir)
+        with writer.as_default():
+            hp.hparams({HPARAMS[k]: v for k, v in values.items() if k in HPARAMS},
+                       trial_id=trial_id)
+        writer.close()
+
+    def epoch(self, step: int, train: Mapping[str, float], test: Mapping[str, float],
+              learning_rate: float):
+        with self.train.as_default(step=step):
+            tf.summary.scalar("loss", train["loss"])
+            tf.summary.scalar("accuracy", train["accuracy"])
+            tf.summary.scalar("learning_rate", learning_rate)
+        with self.validation.as_default(step=step):
+            tf.summary.scalar("loss", test["loss"])
+            tf.summary.scalar("accuracy", test["accuracy"])
+            tf.summary.scalar("error", 100.0 * (1.0 - test["accuracy"]))
+        self.flush()
+
+    def flush(self):
+        self.train.flush()
+        self.validation.flush()
+
+    def close(self):
+        self.train.close()
+        self.validation.close()
+
+
+# --------------------------------------------------------------------------------------
+def _native_class(layer) -> type:
+    for cls in type(layer).__mro__:
+        if cls in (keras.layers.Dense, keras.layers.Conv2D):
+            return cls
+    raise TypeError(type(layer).__name__)
+
+
+def _reduces_accumulation(policy: AccumPolicy) -> bool:
+    return not all(getattr(policy, g).is_exact_float32 for g in GEMMS)
+
+
+def emulated_layers(model) -> list:
+    """The tfaccum layers of ``model`` (nested models included) that accumulate in
+    something other than float32, in model order."""
+    out, seen = [], set()
+
+    def walk(m):
+        for layer in m.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, (AccumDense, AccumConv2D)):
+                if _reduces_accumulation(layer.policy):
+                    out.append(layer)
+            elif isinstance(layer, keras.Model):
+                walk(layer)
+
+    walk(model)
+    return out
+
+
+class _Twins:
+    """The bare GEMM of one layer (no bias, no activation) under its policy and exactly."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        config = {k: v for k, v in layer.get_config().items() if k != "policy"}
+        config.update(use_bias=False, activation="linear", kernel_regularizer=None,
+                      activity_regularizer=None, kernel_constraint=None)
+        self.emulated = type(layer).from_config(
+            {**config, "name": f"{layer.name}_health_emulated",
+             "policy": layer.policy.to_dict()})
+        exact = AccumPolicy(operands=layer.policy.operands)
+        if exact.operands is None:  # float32 operands: the native layer is exact enough
+            self.exact = _native_class(layer).from_config(
+                {**config, "name": f"{layer.name}_health_exact"})
+        else:
+            self.exact = type(layer).from_config(
+                {**config, "name": f"{layer.name}_health_exact", "policy": exact.to_dict()})
+        for twin in (self.emulated, self.exact):
+            twin.build(tuple(layer.input.shape))
+
+    def compare(self, x, dy) -> Dict[str, Dict[str, float]]:
+        layer = self.layer
+        x = tf.convert_to_tensor(x)
+        results = {}
+        for twin in (self.emulated, self.exact):
+            twin.kernel.assign(layer.kernel)
+        # The error at the pre-activation output, through the exact forward pass.
+        with tf.GradientTape() as tape:
+            z = self.exact(x)
+            if layer.bias is not None:
+                z = z + layer.bias
+            tape.watch(z)
+            out = layer.activation(z)
+        dz = tape.gradient(out, z, output_gradients=dy)
+        for key, twin in (("emulated", self.emulated), ("exact", self.exact)):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = twin(x)
+            dx, dw = tape.gradient(y, [x, twin.kernel], output_gradients=dz)
+            results[key] = {"fwd": y.numpy(), "bwd": dx.numpy(), "grad": dw.numpy()}
+        stats = {}
+        for gemm in GEMMS:
+            emulated = results["emulated"][gemm].astype(np.float64)
+            exact = results["exact"][gemm].astype(np.float64)
+            var, norm = exact.var(), np.linalg.norm(exact)
+            mse = float(np.mean((emulated - exact) ** 2))
+            nan = float("nan")
+            stats[gemm] = {
+                "vrr": float(emulated.var() / var) if var > 0 else nan,
+                "rel_error": float(np.linalg.norm(emulated - exact) / norm) if norm > 0 else nan,
+                "retention": 1.0 - mse / var if var > 0 else nan,
+            }
+        return stats
+
+
+class AccumHealth(keras.callbacks.Callback):
+    """Writes each emulated layer's measured VRR and relative error every N steps.
+
+    Args:
+      model: the emulated model being trained.
+      probe: ``(x, y)``, the fixed probe batch.
+      loss_fn: the training loss (``loss_fn(y, y_pred)``).
+      writer: the ``tf.summary`` writer (the run's ``train/``).
+      every_steps: probe period in optimizer steps.
+      loss_scale: returns the current loss scale, so that the probe's errors have the
+        magnitude the training errors have.
+    """
+
+    def __init__(self, model, probe, loss_fn, writer, every_steps: int,
+                 loss_scale: Callable[[], float] = lambda: 1.0):
+        super().__init__()
+        self.net = model
+        self.x, self.y = probe
+        self.loss_fn = loss_fn
+        self.writer = writer
+        self.every_steps = every_steps
+        self.loss_scale = loss_scale
+        self.layers = [layer for layer in emulated_layers(model) if self._single_use(layer)]
+        self.last: Dict[str, Dict[str, Dict[str, float]]] = {}
+        self.last_step: Optional[int] = None
+        if self.layers:
+            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+            self.probe_model = keras.Model(
+                inputs, [model.outputs[0]] + [layer.input for layer in self.layers]
+                + [layer.output for layer in self.layers])
+            self.twins = [_Twins(layer) for layer in self.layers]
+
+    def _single_use(self, layer) -> bool:
+        """Layers called once in the outer graph (a shared layer has no single input)."""
+        try:
+            layer.input  # noqa: B018 - raises for shared layers
+            return len(layer._inbound_nodes) == 1
+        except (AttributeError, ValueError):
+            return False
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.net.optimizer.iterations.numpy())
+        if self.every_steps and step % self.every_steps == 0 and step != self.last_step:
+            self.probe(step)
+
+    def probe(self, step: int) -> Dict[str, Dict[str, Dict[str, float]]]:
+        if not self.layers:
+            return {}
+        n = len(self.layers)
+        with tf.GradientTape() as tape:
+            outs = self.probe_model(self.x, training=False)
+            loss = self.loss_fn(self.y, outs[0]) * self.loss_scale()
+        dys = tape.gradient(loss, outs[1 + n:])
+        stats = {}
+        for twins, x, dy in zip(self.twins, outs[1:1 + n], dys):
+            if dy is None:
+                continue
+            stats[twins.layer.name] = twins.compare(x, dy)
+        with self.writer.as_default(step=step):
+            for name, per_gemm in stats.items():
+                for gemm, values in per_gemm.items():
+                    tf.summary.scalar(f"accum_vrr/{name}/{gemm}", values["vrr"])
+                    tf.summary.scalar(f"accum_rel_error/{name}/{gemm}", values["rel_error"])
+                    tf.summary.scalar(f"accum_retention/{name}/{gemm}", values["retention"])
+        self.writer.flush()
+        self.last, self.last_step = stats, step
+        return stats
+
+    def worst(self) -> Optional[str]:
+        """The lowest VRR of the last probe, as ``0.981 (conv2/grad)``."""
+        worst = None
+        for name, per_gemm in self.last.items():
+            for gemm, values in per_gemm.items():
+                if np.isfinite(values["vrr"]) and (worst is None or values["vrr"] < worst[0]):
+                    worst = (values["vrr"], f"{name}/{gemm}")
+        return None if worst is None else f"{worst[0]:.3f} ({worst[1]})"

@@ -40,10 +40,9 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from tfaccum.analysis import GEMMS
 from tfaccum.config import AccumPolicy
 from tfaccum.layers import AccumConv2D, AccumDense
-
-GEMMS = ("fwd", "bwd", "grad")
 
 # HParams shown for every run (the sweep's axes first).
 HPARAMS = {

@@ -26,29 +26,9 @@ from typing import Dict, List, Optional
 
 import keras
 
+from tfaccum.analysis import GEMMS, gemm_layers
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat
 from tfaccum.training.settings import DriverError, RunSpec, Settings
-
-GEMMS = ("fwd", "bwd", "grad")
-
-
-def gemm_layers(model) -> list:
-    """The Dense/Conv2D layers of ``model`` (tfaccum twins included), nested models
-    walked, in model order."""
-    out, seen = [], set()
-
-    def walk(m):
-        for layer in m.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-                out.append(layer)
-            elif isinstance(layer, keras.Model):
-                walk(layer)
-
-    walk(model)
-    return out
 
 
 def kept_names(settings: Settings, model) -> List[str]:

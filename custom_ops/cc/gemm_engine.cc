@@ -51,7 +51,7 @@ class KeepDenormals {
 #endif
 };
 
-constexpr int kTileRows = 4;
+constexpr int kTileRows = kMaxPanelRows;
 constexpr int kTileVecs = 2;                  // vectors of kLanes outputs per tile row
 constexpr int kTileCols = kTileVecs * kLanes;  // 16 outputs
 

@@ -13,6 +13,9 @@
 
 namespace tfaccum {
 
+// The engine asks a RowGather for at most this many rows at a time.
+constexpr int kMaxPanelRows = 4;
+
 // Fills `panel` (rows x K, row-major, binary64) with rows row0 .. row0+rows-1 of A.
 // Entries are float32 values (exact in binary64); out-of-range taps are exact zeros.
 using RowGather = std::function<void(int64_t row0, int64_t rows, double* panel)>;

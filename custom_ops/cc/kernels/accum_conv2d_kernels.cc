@@ -93,22 +93,24 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
                                                    const Tensor& dy, Tensor* dw) {
   const int64_t M = g.k_h * g.k_w * g.in_c, K = g.filter_grad_length(), N = g.out_c;
   const float* xd = x.flat<float>().data();
+  // A row is one (ky, kx, ci) over all (b, oy, ox). The rows of a panel are walked
+  // together, position by position, so that their taps (neighbouring channels of one
+  // pixel, as a rule) are read from the same cache lines.
   RowGather gather = [g, xd, K](int64_t row0, int64_t rows, double* panel) {
+    int64_t ci[kMaxPanelRows], kx[kMaxPanelRows], ky[kMaxPanelRows];
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = row0 + r;
-      const int64_t ci = row % g.in_c, kx = (row / g.in_c) % g.k_w;
-      const int64_t ky = row / (g.in_c * g.k_w);
-      double* out = panel + r * K;
-      for (int64_t b = 0; b < g.batch; ++b)
-        for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          const int64_t iy = g.input_row(oy, ky);
-          for (int64_t ox = 0; ox < g.out_w; ++ox, ++out) {
-            const int64_t ix = g.input_col(ox, kx);
-            if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;  // zero
-            *out = xd[((b * g.in_h + iy) * g.in_w + ix) * g.in_c + ci];
-          }
-        }
+      ci[r] = row % g.in_c, kx[r] = (row / g.in_c) % g.k_w, ky[r] = row / (g.in_c * g.k_w);
     }
+    int64_t k = 0;
+    for (int64_t b = 0; b < g.batch; ++b)
+      for (int64_t oy = 0; oy < g.out_h; ++oy)
+        for (int64_t ox = 0; ox < g.out_w; ++ox, ++k)
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t iy = g.input_row(oy, ky[r]), ix = g.input_col(ox, kx[r]);
+            if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;  // zero
+            panel[r * K + k] = xd[((b * g.in_h + iy) * g.in_w + ix) * g.in_c + ci[r]];
+          }
   };
   // B(k = (b, oy, ox), co) is out_backprop in its own layout.
   AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,

@@ -15,6 +15,14 @@
 #include <xmmintrin.h>
 #endif
 
+// Function multiversioning: one clone per x86-64 level, chosen when the library loads.
+#if defined(__x86_64__)
+#define TFACCUM_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TFACCUM_MULTIVERSION
+#endif
+
 namespace tfaccum {
 namespace {
 
@@ -57,6 +65,7 @@ constexpr int kTileCols = kTileVecs * kLanes;  // 16 outputs
 
 #define TFACCUM_INLINE inline __attribute__((always_inline))
 
+typedef float VecF __attribute__((vector_size(sizeof(float) * kLanes)));
 using TileD = VecD[kTileRows][kTileVecs];
 using TileU = VecU[kTileRows][kTileVecs];
 
@@ -87,12 +96,14 @@ struct TileRounding {
 };
 
 // Accumulates one tile; returns false when an unchecked run must be redone checked.
-// a_panel: kTileRows x K; b_packed: K x ldb, starting at the tile's first column.
+// a_panel: kTileRows x K; b_packed: K x ldb (float32, widened exactly on load: half the
+// memory traffic of binary64, which matters for the long sums of filter gradients),
+// starting at the tile's first column.
 // keys: the generator key of each output (stochastic only).
 template <int R, bool kRoundedProducts, bool kChecked>
 TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
                                    const double* __restrict a_panel,
-                                   const double* __restrict b_packed, int64_t ldb,
+                                   const float* __restrict b_packed, int64_t ldb,
                                    const TileU& keys, TileD& out) {
   constexpr bool kRandom = (R == kStochastic);
   TileRounding<R, kChecked> rounding;
@@ -106,7 +117,11 @@ TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
     TileD partial = {};
     for (int64_t k = k0; k < k1; ++k) {
       VecD b_row[kTileVecs];
-      __builtin_memcpy(&b_row, b_packed + k * ldb, sizeof b_row);
+      for (int v = 0; v < kTileVecs; ++v) {
+        VecF narrow;
+        __builtin_memcpy(&narrow, b_packed + k * ldb + v * kLanes, sizeof narrow);
+        b_row[v] = __builtin_convertvector(narrow, VecD);
+      }
 #pragma GCC unroll 16
       for (int r = 0; r < kTileRows; ++r) {
         const double a = a_panel[r * K + k];
@@ -142,14 +157,14 @@ struct TileJob {
   const AccumParams* params;
   int64_t K;
   const double* a_panel;
-  const double* b_packed;
+  const float* b_packed;
   int64_t ldb;
   const TileU* keys;
   TileD* out;
 };
 
 // The only function compiled per instruction set; everything it calls is inlined.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void RunTile(const TileJob& job) {
+TFACCUM_MULTIVERSION void RunTile(const TileJob& job) {
   const AccumParams& p = *job.params;
   const TileU& keys = *job.keys;
   TileD& out = *job.out;
@@ -183,12 +198,12 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   const int64_t ldb = col_tiles * kTileCols;
 
   // B in binary64, zero-padded to whole tiles (padding columns are computed, then dropped).
-  std::vector<double> b_packed(static_cast<size_t>(std::max<int64_t>(K, 1) * ldb), 0.0);
+  std::vector<float> b_packed(static_cast<size_t>(std::max<int64_t>(K, 1) * ldb), 0.0f);
   parallel_for(K, N * 2, [&](int64_t k_begin, int64_t k_end) {
     KeepDenormals keep_denormals;
     for (int64_t k = k_begin; k < k_end; ++k)
       for (int64_t j = 0; j < N; ++j)
-        b_packed[k * ldb + j] = static_cast<double>(b[k * b_stride_k + j * b_stride_n]);
+        b_packed[k * ldb + j] = b[k * b_stride_k + j * b_stride_n];
   });
 
   const bool stochastic = params.rounding == kStochastic;
@@ -225,7 +240,7 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
 }
 
 namespace {
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QuantizeRange(
+TFACCUM_MULTIVERSION void QuantizeRange(
     const float* x, float* y, int64_t begin, int64_t end, const FormatParams& format,
     int32_t rounding, uint64_t seed) {
   for (int64_t i = begin; i < end; ++i) {

@@ -19,6 +19,15 @@ def conv_and_grads(x, w, dy, policy, strides, padding, dilations):
     return y.numpy(), dx.numpy(), dw.numpy()
 
 
+def check_all_passes(x, w, dy, policy, strides, padding, dilations, context=""):
+    """The forward op and both gradients equal the reference bit for bit."""
+    y, dx, dw = conv_and_grads(x, w, dy, policy, strides, padding, dilations)
+    assert_bit_equal(y, reference.conv2d(x, w, policy, strides, padding, dilations), context)
+    ref_dx, ref_dw = reference.conv2d_grads(x, w, dy, policy, strides, padding, dilations)
+    assert_bit_equal(dx, ref_dx, context)
+    assert_bit_equal(dw, ref_dw, context)
+
+
 def random_policy(rng):
     def config():
         fmt = FloatFormat(int(rng.integers(4, 9)), int(rng.integers(0, 15)),
@@ -64,12 +73,8 @@ def test_random_shapes_all_three_passes_match_reference():
         x = random_operands(rng, (batch, h, w, cin), policy.fwd.accumulator)
         wgt = random_operands(rng, (kh, kw, cin, cout), policy.fwd.accumulator)
         dy = random_operands(rng, (batch, oh, ow, cout), policy.bwd.accumulator)
-        y, dx, dw = conv_and_grads(x, wgt, dy, policy, strides, padding, dilations)
         context = f"case {cases}: {strides=} {dilations=} {padding=} {policy}"
-        assert_bit_equal(y, reference.conv2d(x, wgt, policy, strides, padding, dilations), context)
-        ref_dx, ref_dw = reference.conv2d_grads(x, wgt, dy, policy, strides, padding, dilations)
-        assert_bit_equal(dx, ref_dx, context)
-        assert_bit_equal(dw, ref_dw, context)
+        check_all_passes(x, wgt, dy, policy, strides, padding, dilations, context)
         cases += 1
 
 
@@ -86,11 +91,7 @@ def test_operand_quantization_and_adversarial_values():
     for padding in ("SAME", "VALID", [(2, 0), (1, 3)]):
         geometry = reference.conv2d_geometry(x.shape, w.shape, (2, 1), padding, (1, 2))
         dy = random_operands(rng, (2, geometry[0], geometry[1], 3), FloatFormat(5, 4))
-        y, dx, dw = conv_and_grads(x, w, dy, policy, (2, 1), padding, (1, 2))
-        assert_bit_equal(y, reference.conv2d(x, w, policy, (2, 1), padding, (1, 2)))
-        ref_dx, ref_dw = reference.conv2d_grads(x, w, dy, policy, (2, 1), padding, (1, 2))
-        assert_bit_equal(dx, ref_dx)
-        assert_bit_equal(dw, ref_dw)
+        check_all_passes(x, w, dy, policy, (2, 1), padding, (1, 2))
 
 
 def test_padding_taps_count_in_the_order_and_the_chunks():
@@ -187,11 +188,7 @@ def test_edge_shapes(shape, kernel):
     for padding in ("SAME", "VALID"):
         geometry = reference.conv2d_geometry(shape, kernel, (1, 1), padding, (1, 1))
         dy = rng.standard_normal((shape[0], geometry[0], geometry[1], kernel[3])).astype(np.float32)
-        y, dx, dw = conv_and_grads(x, w, dy, policy, (1, 1), padding, (1, 1))
-        assert_bit_equal(y, reference.conv2d(x, w, policy, (1, 1), padding, (1, 1)))
-        ref_dx, ref_dw = reference.conv2d_grads(x, w, dy, policy, (1, 1), padding, (1, 1))
-        assert_bit_equal(dx, ref_dx)
-        assert_bit_equal(dw, ref_dw)
+        check_all_passes(x, w, dy, policy, (1, 1), padding, (1, 1))
 
 
 def test_shape_inference_unknown_batch_and_spatial_sizes():

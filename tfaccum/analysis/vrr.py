@@ -39,8 +39,15 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import numpy as np
 from scipy.special import ndtr, ndtri
 
+from tfaccum.config import ROUNDING_MODES
+
 __all__ = [
+    "ROUNDINGS",
+    "CRITERIA",
+    "DEFAULT_MAX_RELATIVE_LOSS",
     "VRREstimate",
+    "operand_noise",
+    "criterion_description",
     "vrr",
     "variance_lost",
     "vrr_monte_carlo",
@@ -57,6 +64,11 @@ __all__ = [
 #: sums of N(0, 1) products never overflow or reach the subnormals (the analysis is about
 #: the mantissa; tfaccum's plans then use the paper's 6 exponent bits).
 MONTE_CARLO_EXPONENT_BITS = 8
+
+#: The rounding modes the analysis models (those of tfaccum's kernels, numerics.md 2).
+ROUNDINGS = tuple(ROUNDING_MODES)
+#: The precision criteria: ``"bounded"`` (default) and the paper's ``"paper"``.
+CRITERIA = ("bounded", "paper")
 
 _MAX_BITS = 23
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
@@ -79,6 +91,35 @@ def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
     if value < lo or (hi is not None and value > hi):
         allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be in {allowed}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value, choices) -> str:
+    allowed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {allowed}; got "
+                        f"{type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def _check_rounding(rounding) -> str:
+    return _check_choice("rounding", rounding, ROUNDINGS)
+
+
+def _check_criterion(criterion) -> str:
+    return _check_choice("criterion", criterion, CRITERIA)
+
+
+def _check_max_relative_loss(value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating,
+                                                                     np.integer)):
+        raise TypeError(f"max_relative_loss must be a number in (0, 1], got "
+                        f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"max_relative_loss must be in (0, 1], got {value}")
     return value
 
 
@@ -134,6 +175,41 @@ def product_variance(product_mantissa_bits: int) -> float:
         hi[-1] = values[-1]
         total += 2.0 * float(np.sum(values ** 2 * _mass(lo, hi)))
     return total
+
+
+@functools.lru_cache(maxsize=None)
+def _product_correlation(mantissa_bits: int) -> float:
+    """``E[Z Q(Z)]`` for ``Z ~ N(0, 1)`` rounded (nearest-even) to ``mantissa_bits``."""
+    if mantissa_bits > 12:
+        return 1.0
+    total = 0.0
+    steps = 2 ** mantissa_bits
+    for e in range(-60, 8):
+        ulp = math.ldexp(1.0, e - mantissa_bits)
+        values = math.ldexp(1.0, e) + ulp * np.arange(steps + 1)
+        lo = values - ulp / 2.0
+        lo[0] = values[0]
+        hi = values + ulp / 2.0
+        hi[-1] = values[-1]
+        total += 2.0 * float(np.sum(values * (_pdf(lo) - _pdf(hi))))  # E[Z; cell] * value
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def operand_noise(mantissa_bits: int) -> float:
+    """Relative MSE of a product whose two operands are rounded: ``E[(Q(a) Q(b) - a b)^2]
+    / E[(a b)^2]`` for independent ``a, b ~ N(0, 1)`` rounded (nearest-even) to
+    ``mantissa_bits``.
+
+    Closed form: with ``a``, ``b`` independent, ``E[(Q(a)Q(b) - ab)^2] = E[Q(Z)^2]^2
+    - 2 E[Z Q(Z)]^2 + 1`` and ``E[(ab)^2] = 1``; both moments are sums over the rounding
+    cells of the Gaussian (exact up to float64). ``operand_noise(2)`` (FP8 E5M2 operands,
+    the paper's setting) is about 0.00557.
+    """
+    mb = _check_int("mantissa_bits", mantissa_bits, 0, _MAX_BITS)
+    if mb > 12:  # below 1e-8
+        return 0.0
+    return product_variance(mb) ** 2 - 2.0 * _product_correlation(mb) ** 2 + 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,18 +394,206 @@ def _loss(n: int, acc_bits: int, product_bits: int, chunk_size: int) -> float:
     return loss + outer
 
 
+# ---------------------------------------------------------------------------------------
+# Toward-zero and stochastic rounding: the joint Gaussian model (docs/vrr.md section 12)
+# ---------------------------------------------------------------------------------------
+# Summation of the per-step rates, as for nearest-even, but the step is also bounded by
+# the state: truncation contracts the sum by about |E[s e]| / V_s per step, and explicit
+# steps longer than _CONTRACTION_STEP V_s / |E[s e]| would not follow it.
+_CONTRACTION_STEP = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModeTables:
+    """Per partial-sum binade E (s > 0 in [2^E, 2^(E+1)), grid u = 2^(E - m_acc)), for
+    products p ~ N(0, sigma^2) with m_p mantissa bits, neglecting binade crossings."""
+
+    bias: np.ndarray      # E[e | s in E]           (toward zero: < 0; the s < 0 side mirrors)
+    sq: np.ndarray        # E[e^2 | s in E]
+    pe: np.ndarray        # E[p e | s in E]
+    first_sq: float       # E[e_1^2] of the first step, s_1 = Q(p_1)
+    first_pe: float       # E[p_1 e_1]
+
+
+def _residual_moments(rounding: str, lost_bits: int) -> Tuple[float, float]:
+    """(E[e] / u, E[e^2] / u^2) when a value with ``lost_bits`` bits below the grid u is
+    rounded (s > 0 side for toward zero); residuals uniform on N = 2^lost_bits points."""
+    n_pts = 2.0 ** lost_bits
+    if rounding == "toward_zero":
+        return (-(n_pts - 1.0) / (2.0 * n_pts),
+                (n_pts - 1.0) * (2.0 * n_pts - 1.0) / (6.0 * n_pts * n_pts))
+    return 0.0, (n_pts * n_pts - 1.0) / (6.0 * n_pts * n_pts)  # stochastic: r (u - r)
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_tables(acc_bits: int, product_bits: int, sigma: float, rounding: str) -> _ModeTables:
+    m, mp = acc_bits, product_bits
+    u = np.ldexp(1.0, _E - m) / sigma                 # accumulator ulp, units of sigma
+    zero = 0.0 * u
+    p_small = 2.0 * _mass(zero, u)                    # P(|p| < u)
+    m1 = 2.0 * _first_moment(zero, u)                 # E[|p|; |p| < u]
+    m2 = 2.0 * _second_moment(zero, u)                # E[p^2; |p| < u]
+    if rounding == "toward_zero":
+        # |p| < u: e = -p for p > 0, e = -(u - |p|) for p < 0.
+        bias = -0.5 * u * p_small
+        sq = m2 + 0.5 * u * u * p_small - u * m1
+        pe = 0.5 * u * m1 - m2
+    else:
+        # Unbiased: E[e | p] = 0; E[e^2 | r] = r (u - r) with r = |p| or u - |p|.
+        bias = zero.copy()
+        sq = u * m1 - m2
+        pe = zero.copy()
+    # Products in [2^i u, 2^(i+1) u), i < m_p, lose j = m_p - i bits (A4); E[p e] ~ 0.
+    for i in range(mp):
+        mean, second = _residual_moments(rounding, mp - i)
+        mass = 2.0 * _mass(2.0 ** i * u, 2.0 ** (i + 1) * u)
+        bias = bias + mass * mean * u
+        sq = sq + mass * second * u * u
+    # First step: s_1 = Q(p_1), the product rounded to m_acc bits.
+    first_sq = first_pe = 0.0
+    if mp > m:
+        binades = np.arange(-150, 130)
+        lo, hi = np.ldexp(1.0, binades) / sigma, np.ldexp(1.0, binades + 1) / sigma
+        ub = np.ldexp(1.0, binades - m) / sigma
+        mean, second = _residual_moments(rounding, mp - m)
+        first_sq = float(np.sum(2.0 * _mass(lo, hi) * ub * ub)) * second
+        # Toward zero: e_1 = -sign(p) r, r independent of |p| within a binade (A4).
+        first_pe = float(np.sum(2.0 * _first_moment(lo, hi) * ub)) * mean
+    return _ModeTables(bias=bias * sigma, sq=sq * sigma ** 2, pe=pe * sigma ** 2,
+                       first_sq=first_sq * sigma ** 2, first_pe=first_pe * sigma ** 2)
+
+
+def _mode_rates(t: _ModeTables, state, product) -> Tuple[np.ndarray, float]:
+    """d(V_s, D, L)/dk of one step, and |E[s e]| / V_s (the contraction rate).
+
+    ``state = (V_s, D, L)`` with ``V_s = E[s^2]``, ``D = E[s (s - x)]`` and
+    ``L = E[(s - x)^2]``; ``product = (V_p, D_p, L_p)`` likewise for the value added
+    (``(sigma^2, 0, 0)`` for exact products, a chunk sum's state for the outer level).
+    """
+    vs, d, _ = state
+    vp, dp, lp = product
+    sd = math.sqrt(vs)
+    centre = int(math.floor(math.log2(sd))) + _E_OFFSET
+    lo, hi = max(centre - 60, 0), min(centre + 8, len(_E))
+    edges = np.ldexp(1.0, _E[lo:hi]) / sd
+    upper = np.ldexp(1.0, _E[lo:hi] + 1) / sd
+    p_binade = 2.0 * (ndtr(upper) - ndtr(edges))
+    abs_binade = 2.0 * sd * (_pdf(edges) - _pdf(upper))   # E[|s|; |s| in binade E]
+    se = float(abs_binade @ t.bias[lo:hi])                 # E[s e]
+    ee2 = float(p_binade @ t.sq[lo:hi])                    # E[e^2]
+    epe = float(p_binade @ t.pe[lo:hi])                    # E[p e]
+    # E[e x] ~ (C / V_s) E[s e] and E[e x_p] ~ (C_p / V_p) E[p e] (Gaussian regression),
+    # with C = V_s - D, C_p = V_p - D_p.
+    dvs = vp + 2.0 * se + 2.0 * epe + ee2
+    dd = dp + se * (1.0 + d / vs) + epe * (1.0 + dp / vp) + ee2
+    dl = lp + 2.0 * se * d / vs + 2.0 * epe * dp / vp + ee2
+    return np.array([dvs, dd, dl]), abs(se) / vs
+
+
+class _ModeCurve:
+    """(V_s, D, L) on nodes k = 1..n_max for toward-zero or stochastic rounding: every
+    step up to _EXACT_STEPS, then midpoint steps of min(k / 64, 0.25 V_s / |E[s e]|)
+    products; the nodes depend only on the curve's parameters (cacheable, extensible)."""
+
+    def __init__(self, tables: _ModeTables, product, first_state):
+        self.tables, self.product = tables, tuple(float(v) for v in product)
+        self._k = [1]
+        self._state = [np.asarray(first_state, float)]
+        self.k = self.state = None
+        self._freeze()
+
+    def _freeze(self):
+        self.k = np.asarray(self._k, float)
+        self.state = np.asarray(self._state)
+
+    def extend(self, n_max: int) -> "_ModeCurve":
+        k, state = self._k[-1], self._state[-1]
+        if k >= n_max:
+            return self
+        while k < n_max:
+            rate, contraction = _mode_rates(self.tables, state, self.product)
+            if k < _EXACT_STEPS:
+                state, k = state + rate, k + 1
+            else:
+                dk = max(1, k // _STEPS_PER_E_FOLD)
+                if contraction > 0.0:
+                    dk = max(1, min(dk, int(_CONTRACTION_STEP / contraction)))
+                mid, _ = _mode_rates(self.tables, state + 0.5 * dk * rate, self.product)
+                state, k = state + dk * mid, k + dk
+            self._k.append(k)
+            self._state.append(state)
+        self._freeze()
+        return self
+
+    def at(self, n: int) -> np.ndarray:
+        """(V_s, D, L) after n steps (linear interpolation between nodes)."""
+        self.extend(1 << max(10, (n - 1).bit_length()))
+        return np.array([np.interp(n, self.k, self.state[:, i]) for i in range(3)])
+
+
+_MODE_CURVES: Dict[tuple, _ModeCurve] = {}
+
+
+def _mode_sequential(n: int, acc_bits: int, product_bits: int, rounding: str) -> np.ndarray:
+    """(V_s, D, L) of a sequential accumulation of n products N(0, 1) rounded to m_p."""
+    if n <= 0:
+        return np.zeros(3)
+    key = ("seq", acc_bits, product_bits, rounding)
+    curve = _MODE_CURVES.get(key)
+    if curve is None:
+        t = _mode_tables(acc_bits, product_bits, 1.0, rounding)
+        var = product_variance(product_bits)
+        first = (var + 2.0 * t.first_pe + t.first_sq, t.first_pe + t.first_sq, t.first_sq)
+        curve = _MODE_CURVES[key] = _ModeCurve(t, (var, 0.0, 0.0), first)
+    return curve.at(n)
+
+
+def _mode_loss(n: int, acc_bits: int, product_bits: int, chunk_size: int,
+               rounding: str) -> float:
+    """E[(c - x)^2] (products N(0, 1) rounded to m_p bits) for toward-zero/stochastic."""
+    if chunk_size == 0 or chunk_size >= n:
+        return float(_mode_sequential(n, acc_bits, product_bits, rounding)[2])
+    full, rest = divmod(n, chunk_size)
+    chunk = _mode_sequential(chunk_size, acc_bits, product_bits, rounding)
+    # The chunk sums t (m_acc-bit values; state (V_t, D_t, L_t)) are accumulated by the
+    # same recursion; the first one is added to s = 0 exactly.
+    key = ("outer", acc_bits, product_bits, chunk_size, rounding)
+    curve = _MODE_CURVES.get(key)
+    if curve is None:
+        t = _mode_tables(acc_bits, acc_bits, _sigma_key(chunk[0]), rounding)
+        curve = _MODE_CURVES[key] = _ModeCurve(t, chunk, chunk)
+    state = curve.at(full)
+    if rest:  # the last, shorter chunk: one more outer step with its own statistics
+        last = _mode_sequential(rest, acc_bits, product_bits, rounding)
+        t = _mode_tables(acc_bits, acc_bits, _sigma_key(last[0]), rounding)
+        rate, _ = _mode_rates(t, state, last)
+        state = state + rate
+    return float(state[2])
+
+
+def _any_loss(n: int, acc_bits: int, product_bits: int, chunk_size: int,
+              rounding: str) -> float:
+    if rounding == "nearest_even":
+        return _loss(n, acc_bits, product_bits, chunk_size)
+    if len(_MODE_CURVES) > 4096:
+        _MODE_CURVES.clear()
+    return _mode_loss(n, acc_bits, product_bits, chunk_size, rounding)
+
+
 def variance_lost(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
-                  chunk_size: int = 0) -> float:
+                  chunk_size: int = 0, *, rounding: str = "nearest_even") -> float:
     """``n (1 - VRR) = E[(c - x)^2] / sigma^2`` from the analytical model: the error
-    energy of the computed sum in units of one product's variance (``ln v(n)``)."""
+    energy of the computed sum in units of one product's variance (``ln v(n)``).
+    ``rounding`` is the accumulator's rounding mode (one of :data:`ROUNDINGS`)."""
     n, m, mp, c = _check_args(n, acc_mantissa_bits, product_mantissa_bits, chunk_size)
+    rounding = _check_rounding(rounding)
     if n == 0:
         return 0.0
-    return _loss(n, m, mp, c) / product_variance(mp)
+    return _any_loss(n, m, mp, c, rounding) / product_variance(mp)
 
 
 def vrr(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
-        chunk_size: int = 0) -> float:
+        chunk_size: int = 0, *, rounding: str = "nearest_even") -> float:
     """Analytical variance retention ratio ``1 - E[(c - x)^2] / (n sigma^2)``.
 
     Args:
@@ -339,20 +603,34 @@ def vrr(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
         FP8 E5M2 operands multiplied exactly; 23 for float32 products).
       chunk_size: 0 for sequential accumulation, else chunks of ``chunk_size`` products
         whose sums are accumulated in the same format (numerics.md section 3).
+      rounding: the accumulator's rounding mode, one of :data:`ROUNDINGS`:
+        ``"nearest_even"`` (docs/vrr.md sections 3-7), ``"toward_zero"`` or
+        ``"stochastic"`` (the joint Gaussian model of docs/vrr.md section 12).
 
-    Assumes i.i.d. zero-mean Gaussian products rounded to ``m_p`` bits, round-to-nearest
+    Assumes i.i.d. zero-mean Gaussian products rounded to ``m_p`` bits (nearest-even)
     and an exponent range that never overflows (docs/vrr.md). Can be below 0 when the
     accumulator is so narrow that its error exceeds the sum itself.
     """
     n, m, mp, c = _check_args(n, acc_mantissa_bits, product_mantissa_bits, chunk_size)
+    rounding = _check_rounding(rounding)
     if n == 0:
         return 1.0
-    return 1.0 - _loss(n, m, mp, c) / (n * product_variance(mp))
+    return 1.0 - _any_loss(n, m, mp, c, rounding) / (n * product_variance(mp))
 
 
 # ---------------------------------------------------------------------------------------
 # The criterion
 # ---------------------------------------------------------------------------------------
+#: The default bound on the relative loss ``1 - VRR`` of the ``"bounded"`` criterion:
+#: ``operand_noise(2)`` (about 0.56 %), the relative MSE that rounding both operands to
+#: FP8 E5M2 (2 mantissa bits) already adds to every product in the paper's setting, a
+#: setting reported to train to the float32 baseline (Sakr et al. 2019; Wang et al.
+#: 2018). The accumulator may lose at most as much of the output's variance as the
+#: operand rounding does. Derived from the paper's setting, not tuned to any result
+#: (docs/vrr.md section 2b).
+DEFAULT_MAX_RELATIVE_LOSS = operand_noise(2)
+
+
 def v_criterion(n: float, vrr_value: float) -> float:
     """The normalized exponential variance lost ``v(n) = exp(n (1 - VRR))`` (inf on
     overflow)."""
@@ -360,9 +638,40 @@ def v_criterion(n: float, vrr_value: float) -> float:
     return math.inf if exponent > 700 else math.exp(exponent)
 
 
-def passes_criterion(n: float, vrr_value: float, cutoff: float = 50.0) -> bool:
-    """``v(n) < cutoff``."""
-    return v_criterion(n, vrr_value) < cutoff
+def passes_criterion(n: float, vrr_value: float, cutoff: float = 50.0, *,
+                     criterion: str = "bounded",
+                     max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS) -> bool:
+    """Whether an accumulation of length ``n`` with this VRR has enough bits.
+
+    ``criterion="paper"``: ``v(n) = exp(n (1 - VRR)) < cutoff`` (Sakr et al.): the error
+    energy in units of one product's variance, ``n (1 - VRR)``, below ``ln(cutoff)``.
+    ``criterion="bounded"`` (default): that, and ``1 - VRR <= max_relative_loss``, the
+    error energy relative to the sum's variance. The paper's criterion alone lets a short
+    sum lose up to ``ln(cutoff) / n`` of its variance (43 % at n = 9); the default bound
+    :data:`DEFAULT_MAX_RELATIVE_LOSS` = ``operand_noise(2)`` ~ 0.56 % is what FP8 E5M2
+    operand rounding already costs every product in the paper's setting. The two bounds
+    cross at ``n* = ln(cutoff) / max_relative_loss`` (~700); beyond it the paper's
+    criterion is the binding one (docs/vrr.md section 2b).
+    """
+    cutoff = _check_cutoff(cutoff)
+    criterion = _check_criterion(criterion)
+    max_relative_loss = _check_max_relative_loss(max_relative_loss)
+    if not v_criterion(n, vrr_value) < cutoff:
+        return False
+    return criterion == "paper" or 1.0 - float(vrr_value) <= max_relative_loss
+
+
+def criterion_description(criterion: str = "bounded", cutoff: float = 50.0,
+                          max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS) -> str:
+    """One line naming the criterion, as a plan prints it, e.g.
+    ``"bounded: v(n) = exp(n(1-VRR)) < 50 and 1-VRR <= 0.56 %"``."""
+    criterion = _check_criterion(criterion)
+    cutoff = _check_cutoff(cutoff)
+    max_relative_loss = _check_max_relative_loss(max_relative_loss)
+    text = f"{criterion}: v(n) = exp(n(1-VRR)) < {cutoff:g}"
+    if criterion == "bounded":
+        text += f" and 1-VRR <= {100.0 * max_relative_loss:.2g} %"
+    return text
 
 
 def _check_cutoff(cutoff) -> float:
@@ -375,18 +684,27 @@ def _check_cutoff(cutoff) -> float:
 
 def min_mantissa_bits(n: int, product_mantissa_bits: int, chunk_size: int = 0,
                       cutoff: float = 50.0, method: str = "analytical", *,
+                      rounding: str = "nearest_even", criterion: str = "bounded",
+                      max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS,
                       max_bits: int = _MAX_BITS, trials: int = 1000, seed: int = 0) -> int:
-    """The smallest accumulator mantissa ``m_acc`` with ``v(n) = exp(n (1 - VRR)) < cutoff``.
+    """The smallest accumulator mantissa ``m_acc`` that passes the criterion.
 
     Args:
       n: accumulation length (use the effective length, the number of non-zero
         products, for sparse GEMMs).
       product_mantissa_bits: ``m_p``.
       chunk_size: 0 (sequential) or the chunk size.
-      cutoff: the criterion's cut-off (50 in Sakr et al.).
+      cutoff: the cut-off of ``v(n) = exp(n (1 - VRR)) < cutoff`` (50 in Sakr et al.).
       method: ``"analytical"`` (:func:`vrr`) or ``"monte_carlo"`` (:func:`vrr_monte_carlo`
         point estimates with ``trials`` and ``seed``; it starts from the analytical answer
         and walks down/up, assuming VRR rises with ``m_acc``).
+      rounding: the accumulator's rounding mode, one of :data:`ROUNDINGS`.
+      criterion: ``"bounded"`` (default): ``v(n) < cutoff`` and
+        ``1 - VRR <= max_relative_loss``; ``"paper"``: ``v(n) < cutoff`` only (see
+        :func:`passes_criterion`; they agree for ``n > ln(cutoff) / max_relative_loss``).
+      max_relative_loss: the bound on ``1 - VRR`` of ``"bounded"``, in (0, 1]; default
+        :data:`DEFAULT_MAX_RELATIVE_LOSS` = ``operand_noise(2)`` ~ 0.56 %, the relative
+        error FP8 E5M2 operand rounding already adds to each product (docs/vrr.md 2b).
       max_bits: the largest answer; if even ``max_bits`` fails the criterion, a warning is
         issued and ``max_bits`` returned.
     """
@@ -394,13 +712,22 @@ def min_mantissa_bits(n: int, product_mantissa_bits: int, chunk_size: int = 0,
     mp = _check_int("product_mantissa_bits", product_mantissa_bits, 0, _MAX_BITS)
     c = _check_int("chunk_size", chunk_size, 0)
     cutoff = _check_cutoff(cutoff)
+    rounding = _check_rounding(rounding)
+    criterion = _check_criterion(criterion)
+    max_relative_loss = _check_max_relative_loss(max_relative_loss)
     max_bits = _check_int("max_bits", max_bits, 0, _MAX_BITS)
+    trials = _check_int("trials", trials, 2)
+    seed = _check_int("seed", seed, 0, 2 ** 63 - 1)
     if method not in ("analytical", "monte_carlo"):
         raise ValueError(f"method must be 'analytical' or 'monte_carlo', got {method!r}")
     limit = math.log(cutoff)
+    bounded = criterion == "bounded"
+    what = criterion_description(criterion, cutoff, max_relative_loss)
 
     def analytical_passes(m: int) -> bool:
-        return variance_lost(n, m, mp, c) < limit
+        if not variance_lost(n, m, mp, c, rounding=rounding) < limit:
+            return False
+        return not bounded or 1.0 - vrr(n, m, mp, c, rounding=rounding) <= max_relative_loss
 
     # VRR rises with m_acc: bisection for the smallest passing value.
     lo, hi = 0, max_bits
@@ -417,14 +744,16 @@ def min_mantissa_bits(n: int, product_mantissa_bits: int, chunk_size: int = 0,
     if method == "analytical":
         if guess is None:
             warnings.warn(f"no accumulator with at most {max_bits} mantissa bits passes "
-                          f"v(n) < {cutoff:g} for n={n} (m_p={mp}, chunk {c}); "
+                          f"{what} for n={n} (m_p={mp}, chunk {c}, {rounding}); "
                           f"returning {max_bits}", RuntimeWarning, stacklevel=2)
             return max_bits
         return guess
 
     def mc_passes(m: int) -> bool:
-        est = vrr_monte_carlo(n, m, mp, c, trials=trials, seed=seed)
-        return n * (1.0 - est.value) < limit
+        est = vrr_monte_carlo(n, m, mp, c, trials=trials, seed=seed, rounding=rounding)
+        if not n * (1.0 - est.value) < limit:
+            return False
+        return not bounded or 1.0 - est.value <= max_relative_loss
 
     m = max_bits if guess is None else guess
     if mc_passes(m):
@@ -435,8 +764,8 @@ def min_mantissa_bits(n: int, product_mantissa_bits: int, chunk_size: int = 0,
         m += 1
         if mc_passes(m):
             return m
-    warnings.warn(f"no accumulator with at most {max_bits} mantissa bits passes v(n) < "
-                  f"{cutoff:g} for n={n} (Monte Carlo); returning {max_bits}",
+    warnings.warn(f"no accumulator with at most {max_bits} mantissa bits passes {what} "
+                  f"for n={n} (Monte Carlo, {rounding}); returning {max_bits}",
                   RuntimeWarning, stacklevel=2)
     return max_bits
 
@@ -465,6 +794,7 @@ class VRREstimate:
     confidence: float
     mse: float
     mse_stderr: float
+    rounding: str = "nearest_even"
 
     def __float__(self) -> float:
         return self.value
@@ -478,7 +808,9 @@ class VRREstimate:
         return (f"VRREstimate(value={self.value:.6g}, low={self.low:.6g}, "
                 f"high={self.high:.6g}, n={self.n}, m_acc={self.acc_mantissa_bits}, "
                 f"m_p={self.product_mantissa_bits}, chunk={self.chunk_size}, "
-                f"trials={self.trials})")
+                f"trials={self.trials}"
+                + ("" if self.rounding == "nearest_even" else f", rounding={self.rounding}")
+                + ")")
 
 
 def _round_mantissa(x: np.ndarray, mantissa_bits: int) -> np.ndarray:
@@ -512,7 +844,7 @@ def _kernel_dot_rows(products: np.ndarray, config) -> np.ndarray:
 
 def vrr_monte_carlo(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
                     chunk_size: int = 0, trials: int = 1000, seed: int = 0,
-                    confidence: float = 0.95, *,
+                    confidence: float = 0.95, *, rounding: str = "nearest_even",
                     exponent_bits: int = MONTE_CARLO_EXPONENT_BITS,
                     max_block_elements: int = 1 << 22) -> VRREstimate:
     """The VRR measured with tfaccum's accumulation kernels.
@@ -522,8 +854,12 @@ def vrr_monte_carlo(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
     ``tfaccum.accum_matmul(P, ones[n, 1], cfg)`` as ``a`` times ``b = 1`` so that the
     kernel's exact product is the drawn value; ``cfg`` has accumulator
     ``FloatFormat(exponent_bits, m_acc)`` (8 exponent bits by default: no overflow or
-    subnormals) and ``chunk_size``, nearest-even. The exact sum ``x`` is the float64 sum of
-    the products (its own error is ~1e-16 relative, far below any accumulator's).
+    subnormals), ``chunk_size`` and ``rounding`` (the products themselves are always
+    rounded nearest-even when drawn). Under stochastic rounding every trial is a
+    different output element, so its random draws differ (numerics.md section 4); each
+    block of trials gets its own generator seed, derived from ``seed``. The exact sum
+    ``x`` is the float64 sum of the products (its own error is ~1e-16 relative, far
+    below any accumulator's).
 
     Returns a :class:`VRREstimate` with ``value = 1 - mean((c - x)^2) / (n sigma_p^2)``
     (``sigma_p^2 = product_variance(m_p)``, the exact variance of the drawn products)
@@ -531,13 +867,23 @@ def vrr_monte_carlo(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
     """
     n, m, mp, c = _check_args(n, acc_mantissa_bits, product_mantissa_bits, chunk_size)
     trials = _check_int("trials", trials, 2)
+    seed = _check_int("seed", seed, 0, 2 ** 63 - 1)
+    if (isinstance(confidence, bool)
+            or not isinstance(confidence, (int, float, np.floating))):
+        raise TypeError(f"confidence must be a number in (0, 1), got "
+                        f"{type(confidence).__name__} {confidence!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rounding = _check_rounding(rounding)
+    exponent_bits = _check_int("exponent_bits", exponent_bits, 2, 8)
+    max_block_elements = _check_int("max_block_elements", max_block_elements, 1)
     from tfaccum.config import AccumConfig, FloatFormat  # noqa: WPS433
 
-    config = AccumConfig(accumulator=FloatFormat(exponent_bits, m), chunk_size=c)
+    config = AccumConfig(accumulator=FloatFormat(exponent_bits, m), chunk_size=c,
+                         rounding=rounding)
     if n == 0:
-        return VRREstimate(1.0, 1.0, 1.0, 0, m, mp, c, trials, confidence, 0.0, 0.0)
+        return VRREstimate(1.0, 1.0, 1.0, 0, m, mp, c, trials, confidence, 0.0, 0.0,
+                           rounding)
     rng = np.random.default_rng(seed)
     rows = max(1, min(trials, max_block_elements // n))
     sq_errors = np.empty(trials)
@@ -546,6 +892,8 @@ def vrr_monte_carlo(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
         block = min(rows, trials - done)
         products = _round_mantissa(rng.standard_normal((block, n), dtype=np.float32), mp)
         exact = products.astype(np.float64).sum(axis=1)
+        if rounding == "stochastic":  # a fresh stream per block (rows restart at 0)
+            config = config.replace(seed=int((seed * 1_000_003 + done) % (2 ** 63)))
         computed = _kernel_dot_rows(products, config)
         sq_errors[done:done + block] = np.square(computed - exact)
         done += block
@@ -556,7 +904,8 @@ def vrr_monte_carlo(n: int, acc_mantissa_bits: int, product_mantissa_bits: int,
     return VRREstimate(value=1.0 - mse / total, low=1.0 - (mse + z * stderr) / total,
                        high=min(1.0, 1.0 - (mse - z * stderr) / total), n=n,
                        acc_mantissa_bits=m, product_mantissa_bits=mp, chunk_size=c,
-                       trials=trials, confidence=confidence, mse=mse, mse_stderr=stderr)
+                       trials=trials, confidence=confidence, mse=mse, mse_stderr=stderr,
+                       rounding=rounding)
 
 
 def empirical_vrr(computed, exact) -> float:

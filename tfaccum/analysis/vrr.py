@@ -463,6 +463,31 @@ def _mode_tables(acc_bits: int, product_bits: int, sigma: float, rounding: str) 
                        first_sq=first_sq * sigma ** 2, first_pe=first_pe * sigma ** 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _chunk_sum_tables(acc_bits: int, product_bits: int, length: int, sigma: float,
+                      rounding: str) -> _ModeTables:
+    """Tables for adding chunk sums t of ``length`` products (m_p bits, N(0, 1)) with
+    scale ``sigma``: t's last bit is that of its smallest product (or its own grid if the
+    chunk rounded), so t has ``b = floor(log2|t|) - min_k floor(log2|p_k|) + m_p`` bits,
+    capped at m_acc; the tables are the mixture over b (t and the smallest product taken
+    independent)."""
+    m, mp = acc_bits, product_bits
+    binades = np.arange(-150, 130)
+    below = 2.0 * _mass(0.0 * binades, np.ldexp(1.0, binades))   # P(|p| < 2^e)
+    at_least = np.power(1.0 - below, length)                       # P(min |p| >= 2^e)
+    p_min = at_least - np.append(at_least[1:], 0.0)                # P(min in binade e)
+    p_t = 2.0 * _mass(np.ldexp(1.0, binades) / sigma, np.ldexp(1.0, binades + 1) / sigma)
+    weights = np.zeros(m + 1)
+    bits = np.clip(binades[:, None] - binades[None, :] + mp, 0, m)  # [t binade, min binade]
+    np.add.at(weights, bits.ravel(), np.outer(p_t, p_min).ravel())
+    weights /= weights.sum()
+    parts = [(w, _mode_tables(m, int(b), sigma, rounding))
+             for b, w in enumerate(weights) if w > 1e-12]
+    return _ModeTables(bias=sum(w * t.bias for w, t in parts),
+                       sq=sum(w * t.sq for w, t in parts),
+                       pe=sum(w * t.pe for w, t in parts), first_sq=0.0, first_pe=0.0)
+
+
 def _mode_rates(t: _ModeTables, state, product) -> Tuple[np.ndarray, float]:
     """d(V_s, D, L)/dk of one step, and |E[s e]| / V_s (the contraction rate).
 
@@ -560,12 +585,13 @@ def _mode_loss(n: int, acc_bits: int, product_bits: int, chunk_size: int,
     key = ("outer", acc_bits, product_bits, chunk_size, rounding)
     curve = _MODE_CURVES.get(key)
     if curve is None:
-        t = _mode_tables(acc_bits, acc_bits, _sigma_key(chunk[0]), rounding)
+        t = _chunk_sum_tables(acc_bits, product_bits, chunk_size, _sigma_key(chunk[0]),
+                              rounding)
         curve = _MODE_CURVES[key] = _ModeCurve(t, chunk, chunk)
     state = curve.at(full)
     if rest:  # the last, shorter chunk: one more outer step with its own statistics
         last = _mode_sequential(rest, acc_bits, product_bits, rounding)
-        t = _mode_tables(acc_bits, acc_bits, _sigma_key(last[0]), rounding)
+        t = _chunk_sum_tables(acc_bits, product_bits, rest, _sigma_key(last[0]), rounding)
         rate, _ = _mode_rates(t, state, last)
         state = state + rate
     return float(state[2])

@@ -77,8 +77,9 @@ def test_vrr_analytical_matches_monte_carlo(mp, c, n):
 
 @pytest.mark.parametrize("mp,c,n", list(_grid()))
 def test_predicted_bits_match_monte_carlo_within_one_bit(mp, c, n):
-    ana = analysis.min_mantissa_bits(n, mp, c)
-    mc = analysis.min_mantissa_bits(n, mp, c, method="monte_carlo", trials=TRIALS, seed=n + mp)
+    ana = analysis.min_mantissa_bits(n, mp, c, criterion="paper")
+    mc = analysis.min_mantissa_bits(n, mp, c, method="monte_carlo", trials=TRIALS, seed=n + mp,
+                                    criterion="paper")
     assert abs(ana - mc) <= 1, (n, mp, c, ana, mc)
 
 
@@ -143,8 +144,10 @@ def test_vrr_falls_with_n_and_rises_with_m(mp, c):
 def test_chunking_never_needs_more_bits(mp):
     for n in [16, 63, 64, 65, 100, 500, 1024, 4608, 20000, 131072, 10 ** 6]:
         for chunk in (16, 64, 256):
-            chunked = analysis.min_mantissa_bits(n, mp, chunk)
-            assert chunked <= analysis.min_mantissa_bits(n, mp), (n, mp, chunk)
+            for criterion in ("paper", "bounded"):
+                chunked = analysis.min_mantissa_bits(n, mp, chunk, criterion=criterion)
+                assert chunked <= analysis.min_mantissa_bits(n, mp, criterion=criterion), (
+                    n, mp, chunk, criterion)
 
 
 @pytest.mark.parametrize("mp", [2, 5, 23])
@@ -152,22 +155,30 @@ def test_chunking_never_needs_more_bits(mp):
 def test_min_mantissa_bits_is_the_smallest_passing(mp, c):
     for n in [16, 100, 1024, 4608, 50000, 3 * 10 ** 6]:
         for cutoff in (5.0, 50.0, 500.0):
-            m = analysis.min_mantissa_bits(n, mp, c, cutoff=cutoff)
+            m = analysis.min_mantissa_bits(n, mp, c, cutoff=cutoff, criterion="paper")
             lost = analysis.variance_lost(n, m, mp, c)
             assert analysis.v_criterion(n, analysis.vrr(n, m, mp, c)) < cutoff
             assert lost < math.log(cutoff)
             if m > 0:
                 assert analysis.variance_lost(n, m - 1, mp, c) >= math.log(cutoff)
-                assert not analysis.passes_criterion(n, analysis.vrr(n, m - 1, mp, c), cutoff)
+                assert not analysis.passes_criterion(n, analysis.vrr(n, m - 1, mp, c), cutoff,
+                                                     criterion="paper")
+            # The bounded criterion (default): the smallest m passing both bounds.
+            b = analysis.min_mantissa_bits(n, mp, c, cutoff=cutoff)
+            assert b >= m
+            assert analysis.passes_criterion(n, analysis.vrr(n, b, mp, c), cutoff)
+            if b > 0:
+                assert not analysis.passes_criterion(n, analysis.vrr(n, b - 1, mp, c), cutoff)
 
 
 def test_criterion_helpers_and_edge_cases():
     assert analysis.vrr(0, 5, 5) == 1.0
     assert analysis.vrr(1, 0, 0) == 1.0  # one product of 1 bit fits a 1-bit accumulator
-    assert analysis.min_mantissa_bits(1, 5) == 0
+    assert analysis.min_mantissa_bits(1, 5, criterion="paper") == 0
     assert analysis.v_criterion(100, 1.0) == 1.0
     assert analysis.v_criterion(10 ** 6, 0.0) == math.inf
-    assert analysis.passes_criterion(100, 1 - math.log(49) / 100)
+    assert analysis.passes_criterion(100, 1 - math.log(49) / 100, criterion="paper")
+    assert not analysis.passes_criterion(100, 1 - math.log(49) / 100)  # loses 3.9 %
     # A larger cut-off never asks for more bits.
     assert (analysis.min_mantissa_bits(4608, 5, cutoff=500)
             <= analysis.min_mantissa_bits(4608, 5) <= analysis.min_mantissa_bits(4608, 5, cutoff=2))

@@ -26,6 +26,11 @@ Functions::
 The precision criterion (Sakr et al.) is ``v(n) = exp(n (1 - VRR)) < cutoff`` (50 by
 default). With this VRR, ``n (1 - VRR) = E[(c - x)^2] / sigma^2``: the accumulated error
 energy in units of one product's variance must stay below ``ln(cutoff)`` (3.9 for 50).
+The default criterion ``"bounded"`` also requires ``1 - VRR <= operand_noise(2)``
+(~0.56 %, what FP8 E5M2 operand rounding already costs each product in the paper's
+setting; docs/vrr.md section 2b), which only binds below ``n ~ 700``. ``rounding``
+selects nearest-even (the model above), toward-zero or stochastic accumulation (a joint
+Gaussian model of the computed and exact sums, docs/vrr.md section 12).
 """
 
 from __future__ import annotations

@@ -326,13 +326,15 @@ def test_sparsity_cnn_relu_vs_tanh(digits):
 
 
 def _brute_force_conv_counts(x, w, dy, stride):
-    """Non-zero products per output of FWD, BWD and GRAD of a VALID conv, by loops."""
+    """Non-zero products per output of FWD, BWD and GRAD of a VALID conv, by loops; and
+    the sums of the squared products."""
     b, h, wd, cin = x.shape
     kh, kw, _, cout = w.shape
     _, oh, ow, _ = dy.shape
     fwd = np.zeros((b, oh, ow, cout))
     bwd = np.zeros((b, h, wd, cin))
     grad = np.zeros((kh, kw, cin, cout))
+    squares = {"fwd": 0.0, "bwd": 0.0, "grad": 0.0}
     for bi in range(b):
         for oy in range(oh):
             for ox in range(ow):
@@ -344,12 +346,15 @@ def _brute_force_conv_counts(x, w, dy, stride):
                                 fwd[bi, oy, ox, co] += (x[bi, iy, ix, ci] != 0) * (w[ky, kx, ci, co] != 0)
                                 bwd[bi, iy, ix, ci] += (dy[bi, oy, ox, co] != 0) * (w[ky, kx, ci, co] != 0)
                                 grad[ky, kx, ci, co] += (x[bi, iy, ix, ci] != 0) * (dy[bi, oy, ox, co] != 0)
-    return fwd.mean(), bwd.mean(), grad.mean()
+                                squares["fwd"] += (x[bi, iy, ix, ci] * w[ky, kx, ci, co]) ** 2
+                                squares["bwd"] += (dy[bi, oy, ox, co] * w[ky, kx, ci, co]) ** 2
+                                squares["grad"] += (x[bi, iy, ix, ci] * dy[bi, oy, ox, co]) ** 2
+    return (fwd.mean(), bwd.mean(), grad.mean()), squares
 
 
 def test_conv_counts_match_brute_force():
     import tensorflow as tf
-    from tfaccum.analysis.predict import _conv_counts
+    from tfaccum.analysis.predict import _gemm_moments
 
     rng = np.random.default_rng(0)
     layer = keras.layers.Conv2D(3, 3, strides=2, padding="valid")
@@ -358,11 +363,15 @@ def test_conv_counts_match_brute_force():
     w = layer.kernel.numpy() * (rng.random((3, 3, 2, 3)) < 0.8)
     layer.kernel.assign(w)
     dy = rng.standard_normal((2, 3, 3, 3)) * (rng.random((2, 3, 3, 3)) < 0.5)
-    counts = _conv_counts(layer, tf.constant(x, tf.float32), tf.constant(dy, tf.float32), tf)
-    expected = _brute_force_conv_counts(x, w, dy, 2)
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    dy = dy.astype(np.float32)
+    moments = _gemm_moments(layer, tf.constant(x), tf.constant(dy), tf, keras)
+    expected, squares = _brute_force_conv_counts(x.astype(np.float64), w.astype(np.float64),
+                                                 dy.astype(np.float64), 2)
     for g, e in zip(("fwd", "bwd", "grad"), expected):
-        total, outputs = counts[g]
-        assert total / outputs == pytest.approx(e, rel=1e-6), g
+        nonzero, outputs, _, sum_sq, _ = moments[g]
+        assert nonzero / outputs == pytest.approx(e, rel=1e-6), g
+        assert sum_sq == pytest.approx(squares[g], rel=1e-5), g
 
 
 def test_measure_sparsity_leaves_the_model_unchanged(digits):
@@ -436,7 +445,9 @@ def test_plan_policies_and_table():
     assert set(plan.policies(exclude=["predictions"])) == {"conv1"}
     text = str(plan)
     assert "FWD" in text and "GRAD" in text and "conv1" in text and "c64" in text
-    assert len(text.splitlines()) == 5 + 2 + 1
+    # header and criterion, rule + two title rows + rule, two layers, rule + legend
+    assert len(text.splitlines()) == 2 + 4 + 2 + 2
+    assert "criterion bounded" in text and "VRR" in text
 
 
 def test_rewrite_with_a_plan(digits):
@@ -474,7 +485,7 @@ def test_cli_measures_sparsity_on_digits(tmp_path, capsys):
     from tfaccum import analyze
 
     out = tmp_path / "plan.json"
-    status = analyze.main(["analyze", "--model=digits_cnn", "--data=digits", "--batch_size=32",
+    status = analyze.main(["analyze", "--model=digits_cnn", "--batch_size=32",
                            "--chunk_size=16", f"--output={out}", f"--plot={tmp_path / 'v.png'}",
                            "--plot_trials=8"])
     assert status == 0, capsys.readouterr().err

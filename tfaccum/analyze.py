@@ -11,10 +11,15 @@ predicted accumulator mantissa bits, sequential and chunked. ``--output`` writes
 plan as JSON (:class:`tfaccum.analysis.PrecisionPlan`, loadable with
 ``PrecisionPlan.load``); ``--plot`` writes a VRR-against-n figure (needs matplotlib).
 
-Sparsity (``--sparsity``): ``measure`` (default) counts the zero products on a few
-batches: the real scikit-learn digits for ``--data=digits`` (8x8x1 models such as
-``digits_cnn``), else N(0, 1) inputs (``--data=synthetic``); ``none`` ignores zeros; a
-number in [0, 1] is used for every GEMM. A bad flag prints one error line and exits 2.
+Statistics (``--sparsity``): ``measure`` (default) measures the sparsity and product
+statistics of every GEMM on a few real training batches (``tfaccum.analysis.
+measure_statistics``) of ``--dataset``: by default the model's own (the embedded
+scikit-learn digits for ``digits_cnn``, no download; CIFAR-10 or ImageNet prepared with
+tensorflow-datasets under ``--data_dir`` for the others). ``--dataset=synthetic`` measures
+on N(0, 1) inputs instead, and the plan says so; ``--sparsity=none`` ignores zeros and a
+number in [0, 1] is used for every GEMM, both measuring nothing (the plan states the
+assumption). ``--rounding`` and ``--criterion`` select the accumulator's rounding mode and
+the criterion (docs/vrr.md 2b, 12). A bad flag prints one error line and exits 2.
 """
 
 from __future__ import annotations
@@ -50,8 +55,17 @@ flags.DEFINE_enum("method", "analytical", ["analytical", "monte_carlo"],
                   "VRR estimate behind the prediction.", flag_values=FLAGS)
 flags.DEFINE_string("sparsity", "measure", "'measure', 'none' or a fraction in [0, 1].",
                     flag_values=FLAGS)
-flags.DEFINE_enum("data", "synthetic", ["synthetic", "digits"], "Batches for "
-                  "--sparsity=measure: N(0, 1) inputs, or scikit-learn's digits (8x8x1).",
+flags.DEFINE_enum("dataset", None, ["digits", "cifar10", "imagenet2012", "synthetic"],
+                  "Real batches for --sparsity=measure (default: the model's dataset: digits "
+                  "for digits_cnn, cifar10 for resnet32, imagenet2012 for resnet18/alexnet); "
+                  "synthetic: N(0, 1) inputs, stated in the plan.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets directory with prepared "
+                    "cifar10/imagenet2012 (never downloaded); default ~/tensorflow_datasets.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("rounding", "nearest_even", ["nearest_even", "toward_zero", "stochastic"],
+                  "The accumulator's rounding mode.", flag_values=FLAGS)
+flags.DEFINE_enum("criterion", "bounded", ["bounded", "paper"], "bounded: v(n) < cutoff and "
+                  "1 - VRR <= 0.56 %; paper: v(n) < cutoff only (docs/vrr.md 2b).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("measure_batches", 2, "Batches to measure sparsity on.", lower_bound=1,
                      flag_values=FLAGS)
@@ -116,14 +130,23 @@ def _operands():
         raise UsageError(f"--operands: {err}") from None
 
 
-def _digits(input_shape):
-    from sklearn.datasets import load_digits  # noqa: WPS433
+def _real_batches(dataset: str, input_shape, count: int, batch_size: int):
+    """``count`` training batches of ``dataset``, prepared as the training driver does."""
+    from tfaccum.training import data as data_lib  # noqa: WPS433
+    from tfaccum.training.settings import DriverError, Settings  # noqa: WPS433
 
-    if tuple(input_shape) != (8, 8, 1):
-        raise UsageError(f"--data=digits needs an 8x8x1 model input, got {input_shape}")
-    digits = load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    return x, digits.target.astype("int64")
+    settings = Settings.resolve({"model": FLAGS.model, "dataset": dataset,
+                                 "data_dir": FLAGS.data_dir, "batch_size": batch_size,
+                                 "image_size": input_shape[0]})
+    try:
+        data = data_lib.load(settings, FLAGS.seed)
+    except DriverError as err:
+        raise UsageError(f"{err}; or pass --dataset=synthetic (N(0, 1) inputs) or "
+                         "--sparsity=none") from None
+    if tuple(data.input_shape) != tuple(input_shape):
+        raise UsageError(f"--dataset={dataset} gives {tuple(data.input_shape)} inputs; the "
+                         f"model takes {tuple(input_shape)} (set --input_shape)")
+    return data.first_batches(FLAGS.seed, batch_size, count)
 
 
 def run(argv: List[str]) -> str:
@@ -146,13 +169,19 @@ def run(argv: List[str]) -> str:
     from tfaccum import analysis  # noqa: WPS433
 
     data = None
-    if sparsity == "measure" and FLAGS.data == "digits":
-        data = _digits(model.input_shape[1:])
+    if sparsity == "measure":
+        from tfaccum.training.recipes import RECIPES  # noqa: WPS433
+
+        dataset = FLAGS.dataset or RECIPES[FLAGS.model].dataset
+        if dataset != "synthetic":
+            data = _real_batches(dataset, model.input_shape[1:], FLAGS.measure_batches,
+                                 FLAGS.measure_batch_size)
     plan = analysis.predict(model, FLAGS.batch_size,
                             product_mantissa_bits=FLAGS.product_mantissa_bits,
                             chunk_size=FLAGS.chunk_size, data=data, sparsity=sparsity,
                             cutoff=FLAGS.cutoff, exponent_bits=FLAGS.exponent_bits,
                             method=FLAGS.method, operands=operands,
+                            rounding=FLAGS.rounding, criterion=FLAGS.criterion,
                             max_batches=FLAGS.measure_batches,
                             measure_batch_size=FLAGS.measure_batch_size, seed=FLAGS.seed)
     text = plan.table()

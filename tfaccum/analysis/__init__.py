@@ -15,22 +15,35 @@ Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)
   products with ``m_p`` mantissa bits in an accumulator with ``m_acc`` (docs/vrr.md).
 * :func:`vrr_monte_carlo`: the same quantity measured with tfaccum's kernels, with a
   confidence interval.
-* :func:`min_mantissa_bits`: the smallest ``m_acc`` with ``exp(n (1 - VRR)) < cutoff``.
-* :func:`predict` / :func:`measure_sparsity`: per-layer FWD/BWD/GRAD lengths, measured
-  sparsity and predicted bits of a Keras model, as a :class:`PrecisionPlan`.
+* :func:`min_mantissa_bits`: the smallest ``m_acc`` that passes the criterion: by default
+  ``"bounded"``, ``exp(n (1 - VRR)) < cutoff`` and ``1 - VRR <= 0.56 %``; ``"paper"``,
+  the first part only (docs/vrr.md 2b); for any ``rounding`` mode.
+* :func:`predict` / :func:`measure_statistics`: per-layer FWD/BWD/GRAD lengths, measured
+  sparsity, product statistics and predicted bits of a Keras model, as a
+  :class:`PrecisionPlan` that records the retention it predicts per GEMM.
+* :class:`GemmProbe`: a layer's GEMMs with the real kernels, emulated against exact, on
+  real operands: the direct measurement ``predict`` falls back on and the training
+  driver's health probe uses.
 * :func:`plot_vrr`: VRR against n, analytical curves and Monte Carlo points (matplotlib).
 
 (``analysis.vrr`` and ``analysis.predict`` are the functions; their modules are
 ``tfaccum.analysis.vrr`` and ``tfaccum.analysis.predict`` in ``sys.modules``.)
 """
 
+from tfaccum.analysis.measure import GemmErrors, GemmProbe
 from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
-from tfaccum.analysis.predict import gemm_layers, layer_lengths, measure_sparsity, predict
+from tfaccum.analysis.predict import (GemmStatistics, Statistics, gemm_layers, layer_lengths,
+                                      measure_sparsity, measure_statistics, predict)
 from tfaccum.analysis.vrr import (
+    CRITERIA,
+    DEFAULT_MAX_RELATIVE_LOSS,
     MONTE_CARLO_EXPONENT_BITS,
+    ROUNDINGS,
     VRREstimate,
+    criterion_description,
     empirical_vrr,
     min_mantissa_bits,
+    operand_noise,
     passes_criterion,
     plot_vrr,
     product_variance,
@@ -41,7 +54,17 @@ from tfaccum.analysis.vrr import (
 )
 
 __all__ = [
+    "CRITERIA",
+    "DEFAULT_MAX_RELATIVE_LOSS",
     "GEMMS",
+    "GemmErrors",
+    "GemmProbe",
+    "GemmStatistics",
+    "ROUNDINGS",
+    "Statistics",
+    "criterion_description",
+    "measure_statistics",
+    "operand_noise",
     "GemmPrediction",
     "LayerPrediction",
     "MONTE_CARLO_EXPONENT_BITS",

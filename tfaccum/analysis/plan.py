@@ -34,6 +34,7 @@ import dataclasses
 import json
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
+from tfaccum.analysis.vrr import DEFAULT_MAX_RELATIVE_LOSS
 from tfaccum.config import (ROUNDING_MODES, AccumConfig, AccumPolicy, FloatFormat,
                             as_format)
 
@@ -55,17 +56,37 @@ def _need(d: Mapping, key: str, what: str):
     return d[key]
 
 
+#: How a GEMM's bits were chosen: the analytical model of docs/vrr.md, or a direct
+#: measurement with the real kernels on real batches (where the model's assumption of
+#: i.i.d. zero-mean products is far off; see ``coherence``).
+BASES = ("analytical", "measured")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmPrediction:
     """One GEMM: ``length`` products per output, ``effective_length`` of them non-zero
     (``sparsity = 1 - effective/length`` as measured or given), and the predicted
-    accumulator ``mantissa_bits`` (``sequential_mantissa_bits``: without chunking)."""
+    accumulator ``mantissa_bits`` (``sequential_mantissa_bits``: without chunking).
+
+    ``retention`` is the VRR predicted at ``mantissa_bits`` (what the health probe should
+    measure), from the analytical model or, when ``basis == "measured"``, measured with
+    the real kernels on the prediction's batches. ``product_mean``/``product_std`` are the
+    mean and standard deviation of the non-zero products and ``coherence`` is
+    ``E[y^2] / E[sum of p^2]`` over the outputs (1 for the model's i.i.d. zero-mean
+    products; larger when products add up coherently, smaller when they cancel); all three
+    None when no data was measured.
+    """
 
     length: int
     effective_length: int
     sparsity: float
     mantissa_bits: int
     sequential_mantissa_bits: Optional[int] = None
+    retention: Optional[float] = None
+    basis: str = "analytical"
+    coherence: Optional[float] = None
+    product_mean: Optional[float] = None
+    product_std: Optional[float] = None
 
     def __post_init__(self):
         for name in ("length", "effective_length", "mantissa_bits"):
@@ -83,18 +104,35 @@ class GemmPrediction:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
             raise ValueError(f"GemmPrediction.sparsity must be in [0, 1], got {s!r}")
         object.__setattr__(self, "sparsity", float(s))
+        if self.basis not in BASES:
+            raise ValueError(f"GemmPrediction.basis must be one of {BASES}, got {self.basis!r}")
+        for name in ("retention", "coherence", "product_mean", "product_std"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"GemmPrediction.{name} must be a number or None, "
+                                     f"got {value!r}")
+                object.__setattr__(self, name, float(value))
+        if self.retention is not None and self.retention > 1.0:
+            raise ValueError(f"GemmPrediction.retention must be <= 1, got {self.retention}")
 
-    def shift(self, bits: int) -> "GemmPrediction":
+    def shift(self, bits: int, retention: Optional[float] = None) -> "GemmPrediction":
+        """The GEMM with ``bits`` more mantissa bits; ``retention``: the prediction at the
+        new width (None: unknown)."""
         seq = self.sequential_mantissa_bits
         return dataclasses.replace(
             self, mantissa_bits=_clamp_bits(self.mantissa_bits + bits),
-            sequential_mantissa_bits=None if seq is None else _clamp_bits(seq + bits))
+            sequential_mantissa_bits=None if seq is None else _clamp_bits(seq + bits),
+            retention=retention if bits else self.retention)
 
     def to_dict(self) -> dict:
         d = {"length": self.length, "effective_length": self.effective_length,
-             "sparsity": self.sparsity, "mantissa_bits": self.mantissa_bits}
-        if self.sequential_mantissa_bits is not None:
-            d["sequential_mantissa_bits"] = self.sequential_mantissa_bits
+             "sparsity": self.sparsity, "mantissa_bits": self.mantissa_bits,
+             "basis": self.basis}
+        for name in ("sequential_mantissa_bits", "retention", "coherence", "product_mean",
+                     "product_std"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
     @classmethod
@@ -103,7 +141,10 @@ class GemmPrediction:
                    effective_length=_need(d, "effective_length", what),
                    sparsity=_need(d, "sparsity", what),
                    mantissa_bits=_need(d, "mantissa_bits", what),
-                   sequential_mantissa_bits=d.get("sequential_mantissa_bits"))
+                   sequential_mantissa_bits=d.get("sequential_mantissa_bits"),
+                   retention=d.get("retention"), basis=d.get("basis", "analytical"),
+                   coherence=d.get("coherence"), product_mean=d.get("product_mean"),
+                   product_std=d.get("product_std"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +162,15 @@ class LayerPrediction:
             raise KeyError(f"GEMM must be one of {GEMMS}, got {name!r}")
         return getattr(self, name)
 
-    def shift(self, bits: int) -> "LayerPrediction":
-        return dataclasses.replace(self, fwd=self.fwd.shift(bits), bwd=self.bwd.shift(bits),
-                                   grad=self.grad.shift(bits))
+    def shift(self, bits: int, retention=lambda gemm, prediction: None) -> "LayerPrediction":
+        """``retention(gemm, shifted prediction)``: the predicted retention at the new
+        width."""
+        shifted = {}
+        for g in GEMMS:
+            moved = self.gemm(g).shift(bits)
+            shifted[g] = moved if not bits else dataclasses.replace(
+                moved, retention=retention(g, moved))
+        return dataclasses.replace(self, **shifted)
 
     def to_dict(self) -> dict:
         d = {"layer": self.layer}
@@ -140,6 +187,14 @@ class LayerPrediction:
         gemms = {g: GemmPrediction.from_dict(_need(d, g, f"layer {name!r}"),
                                              f"layer {name!r} {g}") for g in GEMMS}
         return cls(layer=name, kind=str(d.get("kind", "")), **gemms)
+
+
+def effective_chunk(chunk_size: int, length: int, effective: int) -> int:
+    """The chunk size in non-zero products: zeros keep their slots, so a chunk of ``c``
+    products holds ``c * effective / length`` non-zero ones on average (0: sequential)."""
+    if chunk_size == 0 or chunk_size >= length or effective <= 0:
+        return 0
+    return min(effective, max(1, int(round(chunk_size * effective / length))))
 
 
 def _format_or_none(value) -> Optional[FloatFormat]:
@@ -164,9 +219,12 @@ class PrecisionPlan:
       operands: format each GEMM's inputs are rounded to (``AccumPolicy.operands``);
         None: not rounded.
       product: format products are rounded to (``AccumConfig.product``); None: exact.
-      rounding: the accumulator rounding mode of the policies.
+      rounding: the accumulator rounding mode of the policies (and of the prediction).
       offset: total of the :meth:`shift` calls that made this plan (0 for a prediction).
       model: the model's name.
+      criterion, max_relative_loss: the criterion the bits pass
+        (:func:`tfaccum.analysis.passes_criterion`).
+      statistics: where the product statistics came from and what was assumed, in words.
     """
 
     layers: Tuple[LayerPrediction, ...]
@@ -182,6 +240,9 @@ class PrecisionPlan:
     rounding: str = "nearest_even"
     offset: int = 0
     model: str = ""
+    criterion: str = "bounded"
+    max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS
+    statistics: str = ""
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -206,6 +267,9 @@ class PrecisionPlan:
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {self.rounding!r}")
         object.__setattr__(self, "cutoff", float(self.cutoff))
+        if self.criterion not in ("bounded", "paper"):
+            raise ValueError(f"criterion must be 'bounded' or 'paper', got {self.criterion!r}")
+        object.__setattr__(self, "max_relative_loss", float(self.max_relative_loss))
         object.__setattr__(self, "operands", _format_or_none(self.operands))
         object.__setattr__(self, "product", _format_or_none(self.product))
 
@@ -237,14 +301,37 @@ class PrecisionPlan:
         tightness experiment), clamped to 0..23."""
         if isinstance(bits, bool) or not isinstance(bits, int):
             raise TypeError(f"shift takes an int number of bits, got {bits!r}")
-        return dataclasses.replace(self, layers=tuple(l.shift(bits) for l in self.layers),
-                                   offset=self.offset + bits)
+        return dataclasses.replace(
+            self, layers=tuple(l.shift(bits, self._shifted_retention) for l in self.layers),
+            offset=self.offset + bits)
+
+    def analytical_retention(self, prediction: GemmPrediction) -> float:
+        """The analytical VRR of a GEMM at its ``mantissa_bits`` under this plan's
+        product width, chunk size and rounding (docs/vrr.md)."""
+        from tfaccum.analysis.vrr import vrr
+
+        n = prediction.effective_length
+        chunk = effective_chunk(self.chunk_size, prediction.length, n)
+        return vrr(n, prediction.mantissa_bits, self.product_mantissa_bits, chunk,
+                   rounding=self.rounding)
+
+    def _shifted_retention(self, gemm: str, prediction: GemmPrediction) -> Optional[float]:
+        # A measured retention holds for the measured width only; the analytical one can
+        # be recomputed at any width.
+        if prediction.basis != "analytical":
+            return None
+        return self.analytical_retention(prediction)
 
     def config(self, mantissa_bits: int) -> AccumConfig:
         """The AccumConfig of a GEMM with ``mantissa_bits`` under this plan's settings."""
         return AccumConfig(accumulator=FloatFormat(self.exponent_bits, mantissa_bits),
                            product=self.product, chunk_size=self.chunk_size,
                            rounding=self.rounding)
+
+    def policies_for_bits(self, mantissa_bits: int) -> AccumPolicy:
+        """One policy with all three GEMMs at ``mantissa_bits`` under this plan's settings."""
+        config = self.config(mantissa_bits)
+        return AccumPolicy(fwd=config, bwd=config, grad=config, operands=self.operands)
 
     def policies(self, exclude: Iterable[str] = ()) -> Dict[str, AccumPolicy]:
         """``{layer_name: AccumPolicy}`` for :func:`tfaccum.rewrite`: accumulators
@@ -277,6 +364,9 @@ class PrecisionPlan:
             "product": None if self.product is None else self.product.to_dict(),
             "rounding": self.rounding,
             "offset": self.offset,
+            "criterion": self.criterion,
+            "max_relative_loss": self.max_relative_loss,
+            "statistics": self.statistics,
         }
 
     @classmethod
@@ -314,18 +404,28 @@ class PrecisionPlan:
             return cls.from_json(f.read())
 
     # Display ------------------------------------------------------------------------------
+    def criterion_text(self) -> str:
+        from tfaccum.analysis.vrr import criterion_description
+
+        return criterion_description(self.criterion, self.cutoff, self.max_relative_loss)
+
     def header(self) -> str:
+        """What the numbers rest on: settings, criterion, and every assumption."""
         acc = f"e{self.exponent_bits}m<bits>"
         chunk = f"chunk {self.chunk_size}" if self.chunk_size else "sequential"
         parts = [f"batch {self.batch_size}", f"products m_p={self.product_mantissa_bits}",
-                 chunk, f"v(n) < {self.cutoff:g}", f"accumulators {acc}",
+                 chunk, f"accumulators {acc} rounding {self.rounding}",
                  f"sparsity {self.sparsity}", self.method]
         if self.operands is not None:
             parts.append(f"operands {self.operands!r}")
         if self.offset:
             parts.append(f"shifted {self.offset:+d} bits")
         name = f" for {self.model}" if self.model else ""
-        return f"Precision plan{name}: " + ", ".join(parts)
+        lines = [f"Precision plan{name}: " + ", ".join(parts),
+                 f"criterion {self.criterion_text()}"]
+        if self.statistics:
+            lines.append(f"statistics: {self.statistics}")
+        return "\n".join(lines)
 
     def table(self) -> str:
         """The plan as a text table: one row per layer; per GEMM the length ``n``, the
@@ -333,18 +433,22 @@ class PrecisionPlan:
         is chunked)."""
         chunked = self.chunk_size > 0
         bit_cols = ("seq", f"c{self.chunk_size}") if chunked else ("bits",)
-        sub = ("n", "n_eff") + bit_cols
+        sub = ("n", "n_eff") + bit_cols + ("VRR",)
         rows = []
+        measured = False
         for l in self.layers:
             cells = [l.layer]
             for g in GEMMS:
                 p = l.gemm(g)
                 cells += [str(p.length), str(p.effective_length)]
+                mark = "*" if p.basis == "measured" else ""
+                measured = measured or bool(mark)
                 if chunked:
                     seq = p.sequential_mantissa_bits
-                    cells += ["-" if seq is None else str(seq), str(p.mantissa_bits)]
+                    cells += ["-" if seq is None else str(seq), f"{p.mantissa_bits}{mark}"]
                 else:
-                    cells.append(str(p.mantissa_bits))
+                    cells.append(f"{p.mantissa_bits}{mark}")
+                cells.append("-" if p.retention is None else f"{p.retention:.4f}")
             rows.append(cells)
         head2 = ["layer"] + list(sub) * 3
         ncol = len(head2)
@@ -368,6 +472,9 @@ class PrecisionPlan:
         lines = [self.header(), rule, head1, line(head2), rule]
         lines += [line(r) for r in rows]
         lines.append(rule)
+        lines.append("VRR: the variance retention predicted at the chosen width" + (
+            "; *: bits from a direct measurement with the real kernels on the real batches "
+            "(the Gaussian model is far off there)" if measured else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

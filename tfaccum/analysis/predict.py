@@ -31,19 +31,26 @@ prediction uses that effective chunk size.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
-from tfaccum.analysis.vrr import min_mantissa_bits
+from tfaccum.analysis.plan import (GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan,
+                                   effective_chunk)
+from tfaccum.analysis.measure import GemmProbe
+from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, min_mantissa_bits,
+                                  passes_criterion)
 from tfaccum.config import ROUNDING_MODES, as_format
 
-__all__ = ["predict", "measure_sparsity", "gemm_layers", "layer_lengths"]
+__all__ = ["predict", "measure_statistics", "measure_sparsity", "gemm_layers", "layer_lengths",
+           "GemmStatistics", "Statistics"]
 
 SparsityLike = Union[str, float, None, Mapping[str, Any]]
+_MAX_BITS = 23
 
 
 def _keras():
@@ -242,47 +249,63 @@ def _indicator(t, tf):
     return tf.cast(tf.not_equal(t, 0), tf.float32)
 
 
-def _conv_counts(layer, x, dy, tf) -> Dict[str, Tuple[float, float]]:
-    """Sums of non-zero product counts and numbers of outputs, per GEMM, for one call."""
-    channels_first = layer.data_format == "channels_first"
-    x1 = _indicator(x, tf)
-    d1 = _indicator(dy, tf)
-    if channels_first:
-        x1 = tf.transpose(x1, [0, 2, 3, 1])
-        d1 = tf.transpose(d1, [0, 2, 3, 1])
-    w1 = _indicator(layer.kernel, tf)
+def _conv_gemms(layer, x, w, dz, tf):
+    """The FWD, BWD and GRAD outputs of a Conv2D layer's GEMMs on (x, w, dz), groups and
+    data format as the layer has them (NHWC inside)."""
+    if layer.data_format == "channels_first":
+        x = tf.transpose(x, [0, 2, 3, 1])
+        dz = tf.transpose(dz, [0, 2, 3, 1])
     groups = getattr(layer, "groups", 1) or 1
-    strides = tuple(layer.strides)
-    dilations = tuple(layer.dilation_rate)
-    padding = layer.padding.upper()
-    totals = {g: [0.0, 0.0] for g in GEMMS}
-    xs = tf.split(x1, groups, axis=-1) if groups > 1 else [x1]
-    ws = tf.split(w1, groups, axis=-1) if groups > 1 else [w1]
-    ds = tf.split(d1, groups, axis=-1) if groups > 1 else [d1]
-    for xg, wg, dg in zip(xs, ws, ds):
+    split = (lambda t: tf.split(t, groups, axis=-1)) if groups > 1 else (lambda t: [t])
+    outs = {g: [] for g in GEMMS}
+    for xg, wg, dg in zip(split(x), split(w), split(dz)):
         with tf.GradientTape() as tape:
             tape.watch([xg, wg])
-            y = tf.nn.convolution(xg, wg, strides=strides, padding=padding,
-                                  dilations=dilations)
+            y = tf.nn.convolution(xg, wg, strides=tuple(layer.strides),
+                                  padding=layer.padding.upper(),
+                                  dilations=tuple(layer.dilation_rate))
             total = tf.reduce_sum(y * dg)
         gx, gw = tape.gradient(total, [xg, wg])
-        # y: FWD counts per output; gx: BWD counts per dx element; gw: GRAD counts per dw.
         for g, t in (("fwd", y), ("bwd", gx), ("grad", gw)):
-            totals[g][0] += float(tf.reduce_sum(t))
-            totals[g][1] += float(tf.size(t))
-    return {g: (v[0], v[1]) for g, v in totals.items()}
+            outs[g].append(t)
+    return outs
 
 
-def _dense_counts(layer, x, dy, tf) -> Dict[str, Tuple[float, float]]:
-    units = layer.units
-    x1 = tf.reshape(_indicator(x, tf), [-1, x.shape[-1]])
-    d1 = tf.reshape(_indicator(dy, tf), [-1, units])
-    w1 = _indicator(layer.kernel, tf)
-    fwd = tf.matmul(x1, w1)
-    bwd = tf.matmul(d1, w1, transpose_b=True)
-    grad = tf.matmul(x1, d1, transpose_a=True)
-    return {g: (float(tf.reduce_sum(t)), float(tf.size(t)))
-            for g, t in (("fwd", fwd), ("bwd", bwd), ("grad", grad))}
+def _dense_gemms(layer, x, w, dz, tf):
+    x = tf.reshape(x, [-1, x.shape[-1]])
+    dz = tf.reshape(dz, [-1, layer.units])
+    return {"fwd": [tf.matmul(x, w)], "bwd": [tf.matmul(dz, w, transpose_b=True)],
+            "grad": [tf.matmul(x, dz, transpose_a=True)]}
+
+
+#: Per GEMM and call: [non-zero products, outputs, sum of products, sum of squared
+#: products, sum of squared outputs].
+_MOMENTS = 5
+
+
+def _gemm_moments(layer, x, dz, tf, keras) -> Dict[str, List[float]]:
+    """The moments :func:`measure_statistics` accumulates, for one call of the layer.
+
+    Every product ``p`` of a GEMM is ``a * b`` for one pair of its operands, so GEMMs of
+    the operands' indicators, values and squares give, per output, the number of non-zero
+    products, their sum (the output) and the sum of their squares.
+    """
+    gemms = _conv_gemms if isinstance(layer, keras.layers.Conv2D) else _dense_gemms
+    x = tf.cast(x, tf.float32)
+    dz = tf.cast(dz, tf.float32)
+    w = tf.cast(layer.kernel, tf.float32)
+    counts = gemms(layer, _indicator(x, tf), _indicator(w, tf), _indicator(dz, tf), tf)
+    values = gemms(layer, x, w, dz, tf)
+    squares = gemms(layer, x * x, w * w, dz * dz, tf)
+    out = {}
+    for g in GEMMS:
+        out[g] = [float(sum(tf.reduce_sum(t) for t in counts[g])),
+                  float(sum(int(tf.size(t)) for t in counts[g])),
+                  float(sum(tf.reduce_sum(tf.cast(t, tf.float64)) for t in values[g])),
+                  float(sum(tf.reduce_sum(tf.cast(t, tf.float64)) for t in squares[g])),
+                  float(sum(tf.reduce_sum(tf.square(tf.cast(t, tf.float64)))
+                            for t in values[g]))]
+    return out
 
 
 def _looks_like_probabilities(outputs, tf) -> bool:
@@ -325,16 +348,29 @@ def _loss_value(outputs, y, loss, tf):
     return tf.reduce_mean(_dense_ce(tf.cast(y, outputs.dtype), outputs, from_logits, tf))
 
 
-def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int = 4,
-                     loss: Optional[Callable] = None, training: bool = True,
-                     seed: int = 0, return_shapes: bool = False):
-    """Measure, per Dense/Conv2D layer, the fraction of zero products of its three GEMMs.
+def measure_statistics(model, data=None, *, batch_size: int = 32, max_batches: int = 4,
+                       loss: Optional[Callable] = None, training: bool = True,
+                       seed: int = 0, keep_first_batch: bool = False) -> "Statistics":
+    """Measure, per Dense/Conv2D layer and GEMM, what the analysis assumes.
+
+    Real batches go through the model under a ``GradientTape``; for each layer's input
+    ``x``, kernel ``w`` and error ``dz`` at its pre-activation output, and for each of its
+    three GEMMs (FWD ``x.w``, BWD ``dz.w^T``, GRAD ``x^T.dz``), it measures:
+
+    * ``sparsity``: ``1 - mean non-zero products per output / length``;
+    * ``product_mean``, ``product_std``: mean and standard deviation of the non-zero
+      products (the first layer's non-negative inputs included, as they are);
+    * ``coherence``: ``E[y^2] / E[sum_i p_i^2]`` over the outputs ``y = sum_i p_i``. The
+      analysis assumes i.i.d. zero-mean products, for which it is 1; products that add up
+      coherently (a common sign, a mean) make it larger, cancelling ones smaller. The
+      partial sums' size relative to one product, which sets how much is swamped, scales
+      with its square root.
 
     Args:
       model: a Keras model (Functional, Sequential or subclassed).
       data: ``(x, y)`` arrays, an array ``x``, a ``tf.data.Dataset`` or any iterable of
         ``(x, y)``/``x`` batches; ``None`` draws ``N(0, 1)`` inputs of the model's input
-        shape (a weak stand-in for real data).
+        shape, a stand-in for real data that the result says it is (``synthetic``).
       batch_size: batch size used to slice arrays (and for synthetic inputs).
       max_batches: how many batches to average over.
       loss: ``loss(y_true, y_pred) -> scalar``; default cross-entropy on the labels
@@ -344,12 +380,11 @@ def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int
         training. Non-trainable variables (BatchNorm moving statistics, RNG state) are
         restored afterwards, so the model is unchanged.
       seed: for synthetic inputs.
-      return_shapes: also return ``{layer_name: [(input_shape, output_shape), ...]}``
-        as recorded (the measured batch size in front).
+      keep_first_batch: keep each layer's ``(x, dz)`` of the first batch (for direct
+        measurements with the kernels, :class:`tfaccum.analysis.measure.GemmProbe`).
 
     Returns:
-      ``{layer_name: {"fwd": s, "bwd": s, "grad": s}}`` with ``s = 1 - mean non-zero
-      products per output / length``, in ``[0, 1]``; with ``return_shapes``, a pair.
+      A :class:`Statistics`.
     """
     import tensorflow as tf  # noqa: WPS433
 
@@ -361,8 +396,10 @@ def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
         raise ValueError(f"max_batches must be an int >= 1, got {max_batches!r}")
-    sums = {id(l): {g: [0.0, 0.0] for g in GEMMS} for l in layers}
+    sums = {id(l): {g: [0.0] * _MOMENTS for g in GEMMS} for l in layers}
+    possible = {id(l): {g: 0.0 for g in GEMMS} for l in layers}
     shapes: Dict[str, List[Tuple[tuple, tuple]]] = {l.name: [] for l in layers}
+    first: Dict[str, Tuple[Any, Any]] = {}
     saved = [(v, v.numpy()) for v in model.non_trainable_variables] if training else []
     batches = 0
     try:
@@ -382,28 +419,85 @@ def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int
                 pair = (tuple(x_in.shape), tuple(z.shape))
                 if pair not in shapes[layer.name]:
                     shapes[layer.name].append(pair)
-                if isinstance(layer, keras.layers.Conv2D):
-                    counts = _conv_counts(layer, x_in, dz, tf)
-                else:
-                    counts = _dense_counts(layer, x_in, dz, tf)
+                if keep_first_batch and layer.name not in first:
+                    first[layer.name] = (x_in.numpy(), dz.numpy())
+                moments = _gemm_moments(layer, x_in, dz, tf, keras)
                 lengths = layer_lengths(layer, pair[0], pair[1], int(pair[0][0]))
                 for g in GEMMS:
-                    total, outputs_count = counts[g]
-                    sums[id(layer)][g][0] += total
-                    sums[id(layer)][g][1] += outputs_count * lengths[g]
+                    for i, v in enumerate(moments[g]):
+                        sums[id(layer)][g][i] += v
+                    possible[id(layer)][g] += moments[g][1] * lengths[g]
     finally:
         for variable, value in saved:
             variable.assign(value)
     if batches == 0:
-        raise ValueError("measure_sparsity got no batches from data")
-    result = {}
+        raise ValueError("measure_statistics got no batches from data")
+    per_layer = {}
     for layer in layers:
         entry = {}
         for g in GEMMS:
-            nonzero, possible = sums[id(layer)][g]
-            entry[g] = 0.0 if possible == 0 else min(1.0, max(0.0, 1.0 - nonzero / possible))
-        result[layer.name] = entry
-    return (result, shapes) if return_shapes else result
+            nonzero, outputs, total, total_sq, outputs_sq = sums[id(layer)][g]
+            n_possible = possible[id(layer)][g]
+            sparsity = 0.0 if n_possible == 0 else min(1.0, max(0.0, 1.0 - nonzero / n_possible))
+            mean = total / nonzero if nonzero else None
+            std = math.sqrt(max(0.0, total_sq / nonzero - mean * mean)) if nonzero else None
+            coherence = outputs_sq / total_sq if total_sq > 0 else None
+            entry[g] = GemmStatistics(sparsity=sparsity, product_mean=mean, product_std=std,
+                                      coherence=coherence)
+        per_layer[layer.name] = entry
+    return Statistics(per_layer, shapes, first, synthetic=data is None, batches=batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmStatistics:
+    """What :func:`measure_statistics` measured of one GEMM (see there)."""
+
+    sparsity: float
+    product_mean: Optional[float]
+    product_std: Optional[float]
+    coherence: Optional[float]
+
+    def gaussian_model_holds(self) -> bool:
+        """Whether the i.i.d. zero-mean model describes the sums to half a bit.
+
+        The swamping the model predicts depends on the partial sums' magnitude in units of
+        a product's; ``sqrt(coherence)`` is the factor by which the real magnitude differs
+        from the model's. Outside ``[1/2, 2]`` for ``coherence`` the magnitude is off by
+        more than ``sqrt(2)``, half a binade: half an accumulator bit.
+        """
+        return self.coherence is None or 0.5 <= self.coherence <= 2.0
+
+
+@dataclasses.dataclass
+class Statistics:
+    """The result of :func:`measure_statistics`."""
+
+    layers: Dict[str, Dict[str, GemmStatistics]]
+    shapes: Dict[str, List[Tuple[tuple, tuple]]]
+    first_batch: Dict[str, Tuple[Any, Any]]
+    synthetic: bool
+    batches: int
+
+    def sparsity(self) -> Dict[str, Dict[str, float]]:
+        return {name: {g: st.sparsity for g, st in entry.items()}
+                for name, entry in self.layers.items()}
+
+
+def measure_sparsity(model, data=None, *, batch_size: int = 32, max_batches: int = 4,
+                     loss: Optional[Callable] = None, training: bool = True,
+                     seed: int = 0, return_shapes: bool = False):
+    """``{layer_name: {"fwd": s, "bwd": s, "grad": s}}``: the fraction of zero products of
+    each GEMM, ``1 - mean non-zero products per output / length``, measured as
+    :func:`measure_statistics` does (same arguments). ``data=None`` draws N(0, 1) inputs
+    and warns that it does. With ``return_shapes``, also the recorded
+    ``{layer_name: [(input_shape, output_shape), ...]}``."""
+    if data is None:
+        warnings.warn("measure_sparsity without data measures on synthetic N(0, 1) inputs, "
+                      "not on real data: pass data=", RuntimeWarning, stacklevel=2)
+    stats = measure_statistics(model, data, batch_size=batch_size, max_batches=max_batches,
+                               loss=loss, training=training, seed=seed)
+    result = stats.sparsity()
+    return (result, stats.shapes) if return_shapes else result
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,28 +525,64 @@ def _check_fraction(value: float, what: str) -> float:
     return value
 
 
-def _predict_bits(length: int, effective: int, chunk_size: int, mp: int, cutoff: float,
-                  method: str, mc_kwargs) -> Tuple[int, int]:
-    """(chunked bits, sequential bits) for one GEMM."""
+def _predict_bits(length: int, effective: int, chunk_size: int, mp: int,
+                  criterion_kwargs: Mapping[str, Any], method: str,
+                  mc_kwargs) -> Tuple[int, int]:
+    """(chunked bits, sequential bits) for one GEMM, from the analytical model (or its
+    Monte Carlo)."""
     if effective <= 0:
         return 0, 0
-    seq = min_mantissa_bits(effective, mp, 0, cutoff, method, **mc_kwargs)
-    if chunk_size == 0 or chunk_size >= length:
+    seq = min_mantissa_bits(effective, mp, 0, method=method, **criterion_kwargs, **mc_kwargs)
+    chunk = effective_chunk(chunk_size, length, effective)
+    if chunk == 0:
         return seq, seq
-    effective_chunk = max(1, int(round(chunk_size * effective / length)))
-    # A chunk never holds more non-zero products than the whole sum.
-    effective_chunk = min(effective_chunk, effective)
-    chunked = min_mantissa_bits(effective, mp, effective_chunk, cutoff, method, **mc_kwargs)
+    chunked = min_mantissa_bits(effective, mp, chunk, method=method, **criterion_kwargs,
+                                **mc_kwargs)
     return chunked, seq
+
+
+def _measured_bits(probe, gemm: str, batch, passes, policy_for) -> Tuple[int, float]:
+    """The smallest width whose retention, measured with the kernels on ``batch``, passes
+    the criterion (bisection: retention rises with the width), and that retention."""
+    cache: Dict[int, float] = {}
+
+    def retention(m: int) -> float:
+        if m not in cache:
+            probe.policy = policy_for(m)
+            cache[m] = probe.compare(*batch)[gemm].retention
+        return cache[m]
+
+    lo, hi = 0, _MAX_BITS
+    if not passes(retention(hi)):
+        return hi, retention(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(retention(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, retention(lo)
 
 
 def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: int = 0,
             data=None, sparsity: SparsityLike = "measure", cutoff: float = 50.0,
             exponent_bits: int = 6, *, method: str = "analytical", operands=None,
-            product=None, rounding: str = "nearest_even", max_batches: int = 4,
+            product=None, rounding: str = "nearest_even", criterion: str = "bounded",
+            max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS, max_batches: int = 4,
             measure_batch_size: Optional[int] = None, loss: Optional[Callable] = None,
-            training: bool = True, seed: int = 0, trials: int = 1000) -> PrecisionPlan:
+            training: bool = True, seed: int = 0, trials: int = 1000,
+            direct: bool = True) -> PrecisionPlan:
     """Predict the accumulator mantissa bits of every GEMM of ``model``.
+
+    Each GEMM gets the smallest width that passes ``criterion`` (see
+    :func:`tfaccum.analysis.min_mantissa_bits`) for its effective length, under the
+    accumulator's own ``rounding``. With ``data``, the statistics the analysis assumes are
+    measured on real batches (:func:`measure_statistics`); where the i.i.d. zero-mean model
+    is far off (``coherence`` outside [1/2, 2]) and ``direct`` is true, the width is
+    instead the smallest whose retention, measured with the real kernels on the first real
+    batch, passes the same criterion. The plan records, per GEMM, the retention it
+    predicts at the width it chose, and says in ``statistics`` what was measured and what
+    assumed.
 
     Args:
       model: a Keras model; every ``Dense``/``Conv2D`` layer (and tfaccum twin) gets an
@@ -463,21 +593,27 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
         exactly, as in the paper; 23: float32 operands).
       chunk_size: 0 for sequential accumulation, else the chunk size; the plan then
         also records the sequential prediction of every GEMM.
-      data: batches for measuring sparsity (see :func:`measure_sparsity`).
-      sparsity: ``"measure"`` (measure on ``data``, or on N(0, 1) inputs if it is None),
-        a fraction for every GEMM, ``None`` (no zeros: effective length = length), or a
-        mapping ``{layer: fraction or {"fwd": s, "bwd": s, "grad": s}}`` (e.g. the output
-        of :func:`measure_sparsity`).
-      cutoff: the criterion ``v(n) < cutoff`` (50).
+      data: real batches (see :func:`measure_statistics`). ``None``: nothing real to
+        measure: sparsity is measured on synthetic N(0, 1) inputs (with a warning, and the
+        plan says so), and no direct measurement is made.
+      sparsity: ``"measure"`` (on ``data``), a fraction for every GEMM, ``None`` (no
+        zeros: effective length = length), or a mapping ``{layer: fraction or {"fwd": s,
+        "bwd": s, "grad": s}}`` (e.g. the output of :func:`measure_sparsity`). Anything
+        but ``"measure"`` measures nothing: the model's i.i.d. zero-mean Gaussian products
+        are assumed, and the plan says so.
+      cutoff: the cut-off of ``v(n) = exp(n (1 - VRR)) < cutoff`` (50).
       exponent_bits: accumulator exponent bits for the plan's policies (6 in the paper).
       method: ``"analytical"`` or ``"monte_carlo"`` (slow: kernels for every GEMM).
-      operands, product, rounding: settings recorded in the plan and used by
-        ``plan.policies()`` (operand rounding format, product rounding format or None
-        for exact products, accumulator rounding mode).
+      operands, product: recorded in the plan and used by ``plan.policies()`` (operand
+        rounding format; product rounding format or None for exact products).
+      rounding: the accumulator's rounding mode, used by the prediction and the policies.
+      criterion, max_relative_loss: ``"bounded"`` (default) or ``"paper"``, see
+        :func:`tfaccum.analysis.passes_criterion`.
       max_batches, measure_batch_size, loss, training, seed: passed to
-        :func:`measure_sparsity` (``measure_batch_size`` defaults to
-        ``min(batch_size, 32)``).
+        :func:`measure_statistics` (``measure_batch_size`` defaults to
+        ``min(batch_size, 32)``; batches given as an iterable keep their own size).
       trials: Monte Carlo trials per estimate when ``method="monte_carlo"``.
+      direct: measure directly where the model is far off (needs ``data``).
 
     Returns:
       A :class:`PrecisionPlan`.
@@ -500,21 +636,29 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
             or not 0 <= product_mantissa_bits <= 23:
         raise ValueError(f"product_mantissa_bits must be an int in 0..23, "
                          f"got {product_mantissa_bits!r}")
+    # validates criterion, cutoff and max_relative_loss, and names them for the plan
+    passes_criterion(1, 1.0, cutoff, criterion=criterion, max_relative_loss=max_relative_loss)
     operands = None if operands is None else as_format(operands)
     product = None if product is None else as_format(product)
     layers = gemm_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
 
+    stats: Optional[Statistics] = None
     measured_shapes: Dict[str, list] = {}
     if isinstance(sparsity, str):
         if sparsity != "measure":
             raise ValueError(f"sparsity must be 'measure', a fraction, None or a mapping, "
                              f"got {sparsity!r}")
-        spec, measured_shapes = measure_sparsity(
+        if data is None:
+            warnings.warn("predict without data measures sparsity on synthetic N(0, 1) "
+                          "inputs, not on real data: pass data= (the plan says so)",
+                          RuntimeWarning, stacklevel=2)
+        stats = measure_statistics(
             model, data, batch_size=measure_batch_size or min(batch_size, 32),
             max_batches=max_batches, loss=loss, training=training, seed=seed,
-            return_shapes=True)
+            keep_first_batch=direct and data is not None)
+        spec, measured_shapes = stats.sparsity(), stats.shapes
         description = "measured" if data is not None else "measured (synthetic N(0,1) inputs)"
     elif sparsity is None:
         spec, description = None, "none"
@@ -527,8 +671,21 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
         raise TypeError(f"sparsity must be 'measure', a fraction, None or a mapping, "
                         f"got {type(sparsity).__name__}")
 
+    criterion_kwargs = {"cutoff": cutoff, "rounding": rounding, "criterion": criterion,
+                        "max_relative_loss": max_relative_loss}
     mc_kwargs = {"trials": trials, "seed": seed} if method == "monte_carlo" else {}
-    entries = []
+    plan_settings = dict(batch_size=batch_size, product_mantissa_bits=product_mantissa_bits,
+                         chunk_size=chunk_size, cutoff=float(cutoff),
+                         exponent_bits=exponent_bits, method=method, sparsity=description,
+                         operands=operands, product=product, rounding=rounding,
+                         model=model.name, criterion=criterion,
+                         max_relative_loss=float(max_relative_loss))
+    scratch = PrecisionPlan(layers=(), **plan_settings)  # for analytical retentions
+
+    def policy_for(m: int):
+        return scratch.policies_for_bits(m)
+
+    entries, measured_gemms = [], []
     for layer in layers:
         pairs = _node_shapes(layer) or measured_shapes.get(layer.name, [])
         if not pairs:
@@ -543,19 +700,70 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
             for g, n in layer_lengths(layer, in_shape, out_shape, batch_size).items():
                 lengths[g] = max(lengths[g], n)
         fractions = _sparsity_for(spec, layer.name)
+        layer_stats = stats.layers.get(layer.name) if stats is not None else None
+        batch = stats.first_batch.get(layer.name) if stats is not None else None
+        probe = None
         gemms = {}
         for g in GEMMS:
             s = _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
             n = lengths[g]
             effective = int(round((1.0 - s) * n))
             chunked, seq = _predict_bits(n, effective, chunk_size, product_mantissa_bits,
-                                         cutoff, method, mc_kwargs)
-            gemms[g] = GemmPrediction(length=n, effective_length=effective, sparsity=s,
-                                      mantissa_bits=chunked,
-                                      sequential_mantissa_bits=seq if chunk_size else None)
+                                         criterion_kwargs, method, mc_kwargs)
+            st = layer_stats[g] if layer_stats is not None else None
+            prediction = GemmPrediction(
+                length=n, effective_length=effective, sparsity=s, mantissa_bits=chunked,
+                sequential_mantissa_bits=seq if chunk_size else None,
+                coherence=None if st is None else st.coherence,
+                product_mean=None if st is None else st.product_mean,
+                product_std=None if st is None else st.product_std)
+            if (st is not None and not st.gaussian_model_holds() and batch is not None
+                    and effective > 0):
+                if probe is None:
+                    probe = GemmProbe(layer, policy_for(chunked), input_shape=batch[0].shape)
+                # The retention comes from the measured batch: for GRAD, whose length is
+                # set by the batch size, measure at the training batch size (the driver
+                # does) for it to apply.
+                passes = functools.partial(_passes_measured, n_eff=effective,
+                                           criterion_kwargs=criterion_kwargs)
+                bits, retention = _measured_bits(probe, g, batch, passes, policy_for)
+                prediction = dataclasses.replace(prediction, mantissa_bits=bits,
+                                                 retention=retention, basis="measured")
+                measured_gemms.append(f"{layer.name}/{g}")
+            else:
+                prediction = dataclasses.replace(
+                    prediction, retention=scratch.analytical_retention(prediction))
+            gemms[g] = prediction
         entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__, **gemms))
-    return PrecisionPlan(layers=tuple(entries), batch_size=batch_size,
-                         product_mantissa_bits=product_mantissa_bits, chunk_size=chunk_size,
-                         cutoff=float(cutoff), exponent_bits=exponent_bits, method=method,
-                         sparsity=description, operands=operands, product=product,
-                         rounding=rounding, model=model.name)
+    plan_settings["statistics"] = _statistics_text(stats, description, measured_gemms,
+                                                   direct)
+    return PrecisionPlan(layers=tuple(entries), **plan_settings)
+
+
+def _passes_measured(retention: float, n_eff: int, criterion_kwargs) -> bool:
+    if not math.isfinite(retention):
+        return False
+    return passes_criterion(n_eff, retention, criterion_kwargs["cutoff"],
+                            criterion=criterion_kwargs["criterion"],
+                            max_relative_loss=criterion_kwargs["max_relative_loss"])
+
+
+def _statistics_text(stats: Optional[Statistics], sparsity: str, measured: List[str],
+                     direct: bool) -> str:
+    """The plan's statement of what was measured and what assumed."""
+    model = ("analytical model: i.i.d. zero-mean Gaussian products rounded to m_p bits, no "
+             "exponent overflow (docs/vrr.md)")
+    if stats is None:
+        return (f"assumed, not measured: {model}; sparsity {sparsity}")
+    if stats.synthetic:
+        return (f"sparsity measured on synthetic N(0,1) inputs ({stats.batches} batches), "
+                f"NOT real data; {model}")
+    text = (f"measured on {stats.batches} real batches: sparsity, product mean/std and "
+            f"coherence E[y^2]/E[sum p^2] per GEMM; {model}, used where the coherence is in "
+            "[1/2, 2]")
+    if measured:
+        text += ("; elsewhere bits measured directly with the real kernels on the first "
+                 f"batch: {', '.join(measured)}")
+    elif not direct:
+        text += "; direct measurement off"
+    return text

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # digits_cnn on a slice of digits: 8 steps per epoch, the probe every 4 steps.
 TINY = ["--max_train_examples=256", "--max_test_examples=128", "--batch_size=32",
-        "--health_every_steps=4", "--health_batch_size=32"]
+        "--health_every_steps=4", "--health_batch_size=32", "--seeds=1"]
 
 
 def train_main(*args) -> int:
@@ -56,10 +56,11 @@ def events(logdir: Path):
 # --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def convergence(tmp_path_factory):
-    """A finished convergence experiment (fp32 baseline + predicted), two epochs."""
+    """A finished convergence experiment (fp32 baseline + predicted), two seeds, two
+    epochs (FP8 operands, the digits recipe's default)."""
     model_dir = tmp_path_factory.mktemp("convergence")
     assert train_main("--experiment=convergence", "--epochs=2", f"--model_dir={model_dir}",
-                      *TINY) == 0
+                      *TINY, "--seeds=2") == 0
     return model_dir
 
 
@@ -68,34 +69,58 @@ def test_convergence_writes_summary_plan_and_results(convergence):
 
     rows = list(csv.DictReader((convergence / "summary.csv").open()))
     assert [r["run"] for r in rows] == ["fp32", "predicted"]
+    results = {(run, seed): json.loads((convergence / run / f"seed{seed}" / "result.json")
+                                       .read_text())
+               for run in ("fp32", "predicted") for seed in (0, 1)}
     for row in rows:
-        assert row["epochs"] == "2"
-        assert 0.0 <= float(row["test_error_pct"]) <= 100.0
-        assert row["within_0.5pct"] in ("True", "False")
-    assert float(rows[0]["delta_vs_fp32_pct"]) == 0.0
-    assert "| predicted |" in (convergence / "summary.md").read_text()
+        assert row["seeds"] == "2"
+        errors = [results[(row["run"], seed)]["test_error_pct"] for seed in (0, 1)]
+        assert float(row["test_error_pct"]) == pytest.approx(sum(errors) / 2, abs=1e-3)
+    assert rows[0]["verdict"] == "baseline"
+    # the paired difference of the two seeds, and its 95 % t interval (t_0.975,1 = 12.706)
+    diffs = [results[("predicted", s)]["test_error_pct"] - results[("fp32", s)]["test_error_pct"]
+             for s in (0, 1)]
+    half = 12.7062047 * abs(diffs[0] - diffs[1]) / 2  # t * (|d0 - d1| / sqrt 2) / sqrt 2
+    assert float(rows[1]["delta_vs_fp32_pct"]) == pytest.approx(sum(diffs) / 2, abs=1e-3)
+    assert float(rows[1]["delta_ci_high_pct"]) == pytest.approx(sum(diffs) / 2 + half, abs=2e-3)
+    assert rows[1]["verdict"] in ("within 0.5 pp", "worse by more than 0.5 pp", "inconclusive")
+    text = (convergence / "summary.md").read_text()
+    assert "| predicted |" in text and "predicted retention" in text
 
-    plan = json.loads((convergence / "predicted" / "plan.json").read_text())
+    plan = json.loads((convergence / "predicted" / "seed0" / "plan.json").read_text())
     planned = {entry["layer"] for entry in plan["layers"]}
     assert {"conv1", "conv2", "fc1", "predictions"} <= planned
-    policies = json.loads((convergence / "predicted" / "policies.json").read_text())
+    assert plan["criterion"] == "bounded" and plan["rounding"] == "nearest_even"
+    assert all(0 < entry[g]["retention"] <= 1 for entry in plan["layers"]
+               for g in ("fwd", "bwd", "grad"))
+    policies = json.loads((convergence / "predicted" / "seed0" / "policies.json").read_text())
     assert set(policies) == {"conv1", "conv2", "fc1"}  # the last layer is kept float32
-    assert json.loads((convergence / "fp32" / "policies.json").read_text()) == {}
-    result = json.loads((convergence / "predicted" / "result.json").read_text())
+    # the baseline rounds its operands to FP8 too, and accumulates in float32
+    baseline = json.loads((convergence / "fp32" / "seed0" / "policies.json").read_text())
+    assert set(baseline) == {"conv1", "conv2", "fc1"}
+    assert all(p[g]["accumulator"]["mantissa_bits"] == 23 for p in baseline.values()
+               for g in ("fwd", "bwd", "grad"))
+    result = results[("predicted", 0)]
     assert result["epochs"] == 2 and result["bits"].startswith("e6")
+    # the analysis-versus-monitor record: every emulated GEMM, predicted and measured
+    assert set(result["health"]) == {"conv1", "conv2", "fc1"}
+    for per_gemm in result["health"].values():
+        for entry in per_gemm.values():
+            assert entry["probes"] == 5 and 0 < entry["predicted"] <= 1
+            assert entry["min"] <= entry["last"] <= 1
 
 
 def test_convergence_tensorboard_scalars_hparams_and_health(convergence):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     for run in ("fp32", "predicted"):
-        train = events(convergence / run / "train")
+        train = events(convergence / run / "seed0" / "train")
         assert {"loss", "accuracy", "learning_rate"} <= set(train.Tags()["tensors"])
         assert [e.step for e in train.Tensors("loss")] == [8, 16]  # the true step
-        validation = events(convergence / run / "validation")
+        validation = events(convergence / run / "seed0" / "validation")
         assert {"loss", "accuracy", "error"} <= set(validation.Tags()["tensors"])
 
-        root = events(convergence / run)
+        root = events(convergence / run / "seed0")
         assert "_hparams_/session_start_info" in root.Tags()["tensors"]
         content = root.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
         info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
@@ -104,30 +129,35 @@ def test_convergence_tensorboard_scalars_hparams_and_health(convergence):
         assert {"chunk_size", "acc_exponent_bits"} <= set(info.hparams)
     assert "_hparams_/experiment" in events(convergence).Tags()["tensors"]
 
-    tags = set(events(convergence / "predicted" / "train").Tags()["tensors"])
+    tags = set(events(convergence / "predicted" / "seed0" / "train").Tags()["tensors"])
     for layer in ("conv1", "conv2", "fc1"):
         for gemm in ("fwd", "bwd", "grad"):
-            assert f"accum_vrr/{layer}/{gemm}" in tags
+            assert f"accum_variance_ratio/{layer}/{gemm}" in tags
+            assert f"accum_retention_predicted/{layer}/{gemm}" in tags
             assert f"accum_rel_error/{layer}/{gemm}" in tags
             assert f"accum_retention/{layer}/{gemm}" in tags
     assert not any("predictions" in t for t in tags if t.startswith("accum_"))
-    probes = events(convergence / "predicted" / "train").Tensors("accum_vrr/conv2/grad")
+    assert not any(t.startswith("accum_vrr") for t in tags)  # the old, confusing name
+    probes = events(convergence / "predicted" / "seed0" / "train").Tensors(
+        "accum_retention/conv2/grad")
     assert [e.step for e in probes] == [0, 4, 8, 12, 16]
     assert not any(t.startswith("accum_") for t in
-                   events(convergence / "fp32" / "train").Tags()["tensors"])
+                   events(convergence / "fp32" / "seed0" / "train").Tags()["tensors"])
+    summary = set(events(convergence / "summary").Tags()["tensors"])
+    assert {"summary", "test_error_mean/predicted", "delta_vs_fp32_ci_high/predicted"} <= summary
 
 
 def test_finished_experiment_is_skipped(convergence, capsys):
     t0 = time.time()
     assert train_main("--experiment=convergence", "--epochs=2", f"--model_dir={convergence}",
-                      *TINY) == 0
+                      *TINY, "--seeds=2") == 0
     out = capsys.readouterr().out
-    assert out.count("(skipped)") == 2 and time.time() - t0 < 30
+    assert out.count("(skipped)") == 4 and time.time() - t0 < 30
 
 
 def test_other_settings_in_same_model_dir_are_refused(convergence, capsys):
     assert train_main("--experiment=convergence", "--epochs=3", f"--model_dir={convergence}",
-                      *TINY) == 2
+                      *TINY, "--seeds=2") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "epochs" in err and "\n" not in err
 
@@ -146,14 +176,14 @@ def test_tensorboard_server_lists_runs(convergence):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
                     runs = json.loads(r.read())
-                if "predicted/train" in runs:
+                if "predicted/seed1/train" in runs:
                     break
             except OSError:
                 pass
             time.sleep(1)
         assert runs is not None, "TensorBoard did not answer"
-        assert {"fp32/train", "fp32/validation", "predicted/train",
-                "predicted/validation"} <= set(runs)
+        assert {"fp32/seed0/train", "fp32/seed1/validation", "predicted/seed0/train",
+                "predicted/seed1/validation", "summary"} <= set(runs)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -163,9 +193,9 @@ def test_tensorboard_server_lists_runs(convergence):
 def test_resume_continues_exactly_where_it_stopped(tmp_path, capsys):
     """Interrupted after epoch 1, restarted: 3 epochs, each once, and bit for bit the
     history of an uninterrupted run of the same seed."""
-    args = ["--policy=e6m10", "--epochs=3", "--health_every_steps=0", *TINY[:3]]
+    args = ["--policy=e6m10", "--epochs=3", "--health_every_steps=0", "--seeds=1", *TINY[:3]]
     assert train_main(*args, f"--model_dir={tmp_path / 'a'}", "--interrupt_after_epochs=1") == 3
-    run = tmp_path / "a" / "e6m10"
+    run = tmp_path / "a" / "e6m10" / "seed0"
     assert [r["epoch"] for r in history(run)] == [1]
     assert not (run / "result.json").exists()
     assert train_main(*args, f"--model_dir={tmp_path / 'a'}") == 0
@@ -176,7 +206,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, capsys):
     assert json.loads((run / "result.json").read_text())["epochs"] == 3
 
     assert train_main(*args, f"--model_dir={tmp_path / 'b'}") == 0
-    straight = history(tmp_path / "b" / "e6m10")
+    straight = history(tmp_path / "b" / "e6m10" / "seed0")
     for key in ("loss", "test_loss", "learning_rate"):
         assert [r[key] for r in resumed] == [r[key] for r in straight]
 
@@ -184,11 +214,11 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, capsys):
 def test_killed_process_resumes(tmp_path):
     """A real SIGKILL in the middle of a run; the restart finishes the epochs once."""
     args = ["--policy=fp32", "--epochs=12", "--max_train_examples=256", "--batch_size=16",
-            f"--model_dir={tmp_path}"]
+            "--seeds=1", "--operands=none", f"--model_dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "tfaccum.train", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=child_env())
-    hist = tmp_path / "fp32" / "history.jsonl"
+    hist = tmp_path / "fp32" / "seed0" / "history.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if hist.exists() and len(hist.read_text().splitlines()) >= 2:
@@ -202,7 +232,7 @@ def test_killed_process_resumes(tmp_path):
     second = cli(*args)
     assert second.returncode == 0, second.stderr
     assert "resuming after epoch" in second.stdout
-    assert [r["epoch"] for r in history(tmp_path / "fp32")] == list(range(1, 13))
+    assert [r["epoch"] for r in history(tmp_path / "fp32" / "seed0")] == list(range(1, 13))
 
 
 # --------------------------------------------------------------------------------------
@@ -216,7 +246,7 @@ def test_tfds_path_with_mock_data(tmp_path, capsys):
                           "--epochs=1", "--batch_size=16", f"--data_dir={tmp_path / 'tfds'}",
                           f"--model_dir={tmp_path / 'runs'}") == 0
     assert "resnet32 on cifar10 (48 train / 48 test)" in capsys.readouterr().out
-    result = json.loads((tmp_path / "runs" / "fp32" / "result.json").read_text())
+    result = json.loads((tmp_path / "runs" / "fp32" / "seed0" / "result.json").read_text())
     assert result["epochs"] == 1 and result["steps"] == 3
 
 
@@ -240,7 +270,8 @@ def test_layer_policies_keep_fixed_and_offset():
         assert policy.bwd.rounding == "stochastic"
     assert chosen["conv2"].fwd.seed != chosen["fc1"].fwd.seed
     assert policies.describe(chosen) == "e6m8"
-    assert policies.layer_policies(RunSpec("fp32"), Settings.resolve({}), model) == {}
+    assert policies.layer_policies(RunSpec("fp32"), Settings.resolve({"operands": "none"}),
+                                   model) == {}
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
@@ -259,7 +290,7 @@ sys.exit(train.main(["tfaccum.train", "--strategy=mirrored", "--policy=predicted
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 replicas" in proc.stdout
     assert "batch 16 per replica" in proc.stdout  # the plan's GRAD length is per replica
-    result = json.loads((tmp_path / "predicted" / "result.json").read_text())
+    result = json.loads((tmp_path / "predicted" / "seed0" / "result.json").read_text())
     assert result["epochs"] == 1 and result["steps"] == 8
 
 
@@ -304,7 +335,7 @@ def test_run_specs_of_the_experiments():
     from tfaccum.training.settings import Settings
 
     def names(**flags):
-        return [spec.name for spec in Settings.resolve(flags).run_specs()]
+        return [spec.name for spec in Settings.resolve({"seeds": 1, **flags}).run_specs()]
 
     assert names(experiment="tightness") == ["fp32", "predicted", "predicted-1", "predicted-2"]
     assert names(experiment="convergence", chunk_variants=["64"]) == [
@@ -317,3 +348,11 @@ def test_run_specs_of_the_experiments():
             settings.lr_decay_at) == ("cifar10", 128, 0.1, (0.5, 0.75))
     fp8 = Settings.resolve({"operands": "fp8"})
     assert fp8.loss_scale == "dynamic" and fp8.product_mantissa_bits == 5
+    # the default main job: the paper's setting in miniature, paired over 5 seeds
+    default = Settings.resolve({"experiment": "tightness"})
+    assert default.operands.name == "e5m2" and default.seeds == 5
+    assert default.acc_exponent_bits == 6 and default.keep_full_precision == ("last",)
+    specs = default.run_specs()
+    assert [(s.name, s.seed) for s in specs[:5]] == [
+        ("fp32", 0), ("predicted", 0), ("predicted-1", 0), ("predicted-2", 0), ("fp32", 1)]
+    assert len(specs) == 20 and specs[-1].directory == "predicted-2/seed4"

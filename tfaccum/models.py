@@ -175,19 +175,27 @@ def alexnet(input_shape: Sequence[int] = (224, 224, 3), classes: int = 1000, *,
 
 def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), classes: int = 10, *,
                activation: str = "relu", classifier_activation: Optional[str] = "softmax",
-               weight_decay: float = 0.0, name: str = "digits_cnn") -> keras.Model:
-    """A small CNN for 8x8x1 digits: ``conv1`` (3x3, 32), ``conv2`` (3x3, 64), 2x2 max
-    pool, ``fc1`` (128), ``predictions``; ``activation`` after every hidden layer."""
+               weight_decay: float = 0.0, filters: Sequence[int] = (16, 32), units: int = 64,
+               name: str = "digits_cnn") -> keras.Model:
+    """A small CNN for 8x8x1 digits: ``conv1`` (3x3, ``filters[0]``), ``conv2`` (3x3,
+    ``filters[1]``), 2x2 max pool, ``fc1`` (``units``), ``predictions``; ``activation``
+    after every hidden layer. The default widths keep the emulated tightness experiment
+    (20 trainings) within minutes on two CPU cores."""
     shape, classes = _check_common(input_shape, classes)
+    if (len(tuple(filters)) != 2 or any(isinstance(f, bool) or not isinstance(f, int) or f < 1
+                                        for f in filters)):
+        raise ValueError(f"filters must be two ints >= 1, got {filters!r}")
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise ValueError(f"units must be an int >= 1, got {units!r}")
     reg = _regularizer(weight_decay)
     inputs = keras.Input(shape=shape, name="image")
-    x = layers.Conv2D(32, 3, padding="same", activation=activation, kernel_regularizer=reg,
-                      name="conv1")(inputs)
-    x = layers.Conv2D(64, 3, padding="same", activation=activation, kernel_regularizer=reg,
-                      name="conv2")(x)
+    x = layers.Conv2D(filters[0], 3, padding="same", activation=activation,
+                      kernel_regularizer=reg, name="conv1")(inputs)
+    x = layers.Conv2D(filters[1], 3, padding="same", activation=activation,
+                      kernel_regularizer=reg, name="conv2")(x)
     x = layers.MaxPooling2D(2, name="pool")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(128, activation=activation, kernel_regularizer=reg, name="fc1")(x)
+    x = layers.Dense(units, activation=activation, kernel_regularizer=reg, name="fc1")(x)
     outputs = _classifier(x, classes, classifier_activation, reg)
     return keras.Model(inputs, outputs, name=name)
 

@@ -1,6 +1,6 @@
 r"""Train a network with narrow accumulators and compare it with its float32 baseline.
 
-    python -m tfaccum.train --experiment=tightness          # digits, ~7 min on 2 cores
+    python -m tfaccum.train --experiment=tightness          # digits, < 5 min on 2 cores
     python -m tfaccum.train --flagfile=examples/resnet32_cifar10.flags \
         --data_dir=~/tensorflow_datasets
     tensorboard --logdir /tmp/tfaccum/digits_cnn_digits
@@ -69,8 +69,12 @@ _define("float", "lr_decay_factor", None, "Step schedule factor; default 0.1.")
 _define("float", "warmup_epochs", None, "Linear warm-up epochs; default 0.")
 _define("string", "model_dir", None, "Where runs, checkpoints, TensorBoard events and "
         "summary.{csv,md} go; default /tmp/tfaccum/<model>_<dataset>.")
-_define("integer", "seed", 0, "Seed of initialization, data order and augmentation: "
-        "every run of an experiment starts from the same weights.")
+_define("integer", "seed", 0, "First seed of initialization, data order, augmentation and "
+        "(digits) test fold: for a given seed every configuration starts from the same "
+        "weights and sees the same batches.")
+_define("integer", "seeds", None, "Repeat every configuration with seeds seed .. "
+        "seed+seeds-1 (paired): the summary gives means with 95 % intervals; default: the "
+        "model's recipe (5 for digits_cnn, one per fold of its 5-fold split).")
 
 # What to compare.
 _define("string", "experiment", "single", f"{_choices(EXPERIMENTS)}.")
@@ -80,8 +84,8 @@ _define("integer", "acc_exponent_bits", 6, "Accumulator exponent bits (6 as in t
 _define("integer", "chunk_size", 0, "Chunk-based accumulation chunk size (0: sequential).")
 _define("list", "chunk_variants", [], "Experiments: also run the reduced runs with these "
         "chunk sizes (e.g. 64).")
-_define("string", "operands", "none", f"GEMM operand format: {_choices(OPERANDS)} or "
-        "e<E>m<M>; fp8 = (5,2) as in the paper.")
+_define("string", "operands", None, f"GEMM operand format: {_choices(OPERANDS)} or "
+        "e<E>m<M>; fp8 = (5,2) as in the paper; default: the recipe's (fp8 for digits_cnn).")
 _define("string", "loss_scale", "auto", "auto (dynamic with narrow operands, else none), "
         "dynamic, none, or a fixed factor.")
 _define("integer", "bits_offset", 0, "Mantissa bits added to every reduced GEMM (-1: one "
@@ -90,7 +94,9 @@ _define("list", "offsets", ["-1", "-2"], "Tightness: the extra offsets to run.")
 _define("list", "keep_full_precision", ["last"], "Layers left float32 (names, 'first', "
         "'last'; 'none' for no layer).")
 _define("string", "rounding", "nearest_even", f"Accumulator rounding: {_choices(ROUNDINGS)}.")
-_define("float", "cutoff", 50.0, "Prediction criterion: exp(n (1 - VRR)) < cutoff.")
+_define("string", "criterion", "bounded", "Prediction criterion: bounded (exp(n (1 - VRR)) "
+        "< cutoff and 1 - VRR <= 0.56 %) or paper (the first part only); docs/vrr.md 2b.")
+_define("float", "cutoff", 50.0, "Prediction criterion's cut-off: exp(n (1 - VRR)) < cutoff.")
 _define("integer", "prediction_batches", 4, "Training batches the prediction measures "
         "sparsity on.")
 

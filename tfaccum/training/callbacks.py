@@ -3,7 +3,9 @@
 Layout of one run directory (``tensorboard --logdir <model_dir>`` shows every run)::
 
     <run>/                  HParams of the run (policy, offset, chunk size, exponent bits)
-    <run>/train/            loss, accuracy, learning_rate; accum_vrr/*, accum_rel_error/*
+    <run>/train/            loss, accuracy, learning_rate; accum_retention/*,
+                            accum_retention_predicted/*, accum_variance_ratio/*,
+                            accum_rel_error/*
     <run>/validation/       loss, accuracy, error (test set, %)
 
 Every scalar is written at the true training step (the optimizer's iteration count), so
@@ -13,17 +15,19 @@ train, test and health curves share one x axis.
 batch through the emulated model and, for each emulated layer, computes its three GEMMs
 on the layer's actual input ``x`` and actual back-propagated error ``dz`` (the gradient of
 the loss at the layer's pre-activation output) twice: with the layer's policy and
-exactly (float32 accumulation, the same operand rounding). It writes, per GEMM
-(``fwd``: ``x.w``, ``bwd``: ``dz.w^T``, ``grad``: ``x^T.dz``):
+exactly (float32 accumulation, the same operand rounding), with
+:class:`tfaccum.analysis.GemmProbe`, the measurement the analysis itself uses. Per GEMM
+(``fwd``: ``x.w``, ``bwd``: ``dz.w^T``, ``grad``: ``x^T.dz``) it writes:
 
-* ``accum_vrr/<layer>/<gemm>``: the measured variance retention ratio
-  ``var(emulated) / var(exact)`` (the quantity the analysis predicts; 1 = nothing lost,
-  below 1 = variance swamped away);
-* ``accum_rel_error/<layer>/<gemm>``: ``||emulated - exact|| / ||exact||``;
 * ``accum_retention/<layer>/<gemm>``: ``1 - mean((emulated - exact)^2) / var(exact)``,
-  the VRR as ``tfaccum.analysis`` defines it, to set against the plan's criterion
-  ``exp(n_eff (1 - VRR)) < cutoff``. (The variance ratio above also moves with
-  rounding noise, which adds variance; this one counts every error as loss.)
+  the VRR exactly as ``tfaccum.analysis`` defines it (at most 1);
+* ``accum_retention_predicted/<layer>/<gemm>``: what the run's precision plan predicted
+  for it (predicted runs), to read side by side with the measured one; the driver's
+  ``summary.md`` flags each GEMM whose measured retention falls short of it by more than
+  the Monte Carlo tolerance (:func:`tfaccum.analysis.measure.falls_short`);
+* ``accum_variance_ratio/<layer>/<gemm>``: ``var(emulated) / var(exact)``. Not a VRR: it
+  can exceed 1, since rounding noise adds variance; below 1 it shows swamping directly;
+* ``accum_rel_error/<layer>/<gemm>``: ``||emulated - exact|| / ||exact||``.
 
 The probe runs from ``on_train_batch_end`` with the step read from the optimizer, not
 from inside ``Layer.call`` (where ``tf.summary`` would see a step frozen at trace time).
@@ -32,6 +36,7 @@ BatchNorm and dropout run in inference mode, so probing changes no training stat
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Dict, Mapping, Optional
 
@@ -41,6 +46,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from tfaccum.analysis import GEMMS
+from tfaccum.analysis.measure import GemmProbe, falls_short, summaries
 from tfaccum.config import AccumPolicy
 from tfaccum.layers import AccumConv2D, AccumDense
 
@@ -108,13 +114,6 @@ class RunWriter:
 
 
 # --------------------------------------------------------------------------------------
-def _native_class(layer) -> type:
-    for cls in type(layer).__mro__:
-        if cls in (keras.layers.Dense, keras.layers.Conv2D):
-            return cls
-    raise TypeError(type(layer).__name__)
-
-
 def _reduces_accumulation(policy: AccumPolicy) -> bool:
     return not all(getattr(policy, g).is_exact_float32 for g in GEMMS)
 
@@ -139,64 +138,8 @@ def emulated_layers(model) -> list:
     return out
 
 
-class _Twins:
-    """The bare GEMM of one layer (no bias, no activation) under its policy and exactly."""
-
-    def __init__(self, layer):
-        self.layer = layer
-        config = {k: v for k, v in layer.get_config().items() if k != "policy"}
-        config.update(use_bias=False, activation="linear", kernel_regularizer=None,
-                      activity_regularizer=None, kernel_constraint=None)
-        self.emulated = type(layer).from_config(
-            {**config, "name": f"{layer.name}_health_emulated",
-             "policy": layer.policy.to_dict()})
-        exact = AccumPolicy(operands=layer.policy.operands)
-        if exact.operands is None:  # float32 operands: the native layer is exact enough
-            self.exact = _native_class(layer).from_config(
-                {**config, "name": f"{layer.name}_health_exact"})
-        else:
-            self.exact = type(layer).from_config(
-                {**config, "name": f"{layer.name}_health_exact", "policy": exact.to_dict()})
-        for twin in (self.emulated, self.exact):
-            twin.build(tuple(layer.input.shape))
-
-    def compare(self, x, dy) -> Dict[str, Dict[str, float]]:
-        layer = self.layer
-        x = tf.convert_to_tensor(x)
-        results = {}
-        for twin in (self.emulated, self.exact):
-            twin.kernel.assign(layer.kernel)
-        # The error at the pre-activation output, through the exact forward pass.
-        with tf.GradientTape() as tape:
-            z = self.exact(x)
-            if layer.bias is not None:
-                z = z + layer.bias
-            tape.watch(z)
-            out = layer.activation(z)
-        dz = tape.gradient(out, z, output_gradients=dy)
-        for key, twin in (("emulated", self.emulated), ("exact", self.exact)):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = twin(x)
-            dx, dw = tape.gradient(y, [x, twin.kernel], output_gradients=dz)
-            results[key] = {"fwd": y.numpy(), "bwd": dx.numpy(), "grad": dw.numpy()}
-        stats = {}
-        for gemm in GEMMS:
-            emulated = results["emulated"][gemm].astype(np.float64)
-            exact = results["exact"][gemm].astype(np.float64)
-            var, norm = exact.var(), np.linalg.norm(exact)
-            mse = float(np.mean((emulated - exact) ** 2))
-            nan = float("nan")
-            stats[gemm] = {
-                "vrr": float(emulated.var() / var) if var > 0 else nan,
-                "rel_error": float(np.linalg.norm(emulated - exact) / norm) if norm > 0 else nan,
-                "retention": 1.0 - mse / var if var > 0 else nan,
-            }
-        return stats
-
-
 class AccumHealth(keras.callbacks.Callback):
-    """Writes each emulated layer's measured VRR and relative error every N steps.
+    """Measures each emulated layer's accumulation health every N steps and writes it.
 
     Args:
       model: the emulated model being trained.
@@ -206,10 +149,13 @@ class AccumHealth(keras.callbacks.Callback):
       every_steps: probe period in optimizer steps.
       loss_scale: returns the current loss scale, so that the probe's errors have the
         magnitude the training errors have.
+      predicted: ``{layer: {gemm: (retention, n_eff)}}`` from the run's precision plan;
+        each probe then also writes the prediction and flags shortfalls.
     """
 
     def __init__(self, model, probe, loss_fn, writer, every_steps: int,
-                 loss_scale: Callable[[], float] = lambda: 1.0):
+                 loss_scale: Callable[[], float] = lambda: 1.0,
+                 predicted: Optional[Mapping[str, Mapping[str, tuple]]] = None):
         super().__init__()
         self.net = model
         self.x, self.y = probe
@@ -217,15 +163,19 @@ class AccumHealth(keras.callbacks.Callback):
         self.writer = writer
         self.every_steps = every_steps
         self.loss_scale = loss_scale
+        self.predicted = predicted or {}
         self.layers = [layer for layer in emulated_layers(model) if self._single_use(layer)]
         self.last: Dict[str, Dict[str, Dict[str, float]]] = {}
         self.last_step: Optional[int] = None
+        # Over every probe of this process: {layer: {gemm: {predicted, last, min, probes,
+        # short}}}, the run's analysis-versus-monitor record.
+        self.record: Dict[str, Dict[str, Dict[str, float]]] = {}
         if self.layers:
             inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
             self.probe_model = keras.Model(
                 inputs, [model.outputs[0]] + [layer.input for layer in self.layers]
                 + [layer.output for layer in self.layers])
-            self.twins = [_Twins(layer) for layer in self.layers]
+            self.probes = [GemmProbe(layer, layer.policy) for layer in self.layers]
 
     def _single_use(self, layer) -> bool:
         """Layers called once in the outer graph (a shared layer has no single input)."""
@@ -240,6 +190,27 @@ class AccumHealth(keras.callbacks.Callback):
         if self.every_steps and step % self.every_steps == 0 and step != self.last_step:
             self.probe(step)
 
+    def _measure(self, probe: GemmProbe, x, dy) -> Dict[str, Dict[str, float]]:
+        layer = probe.layer
+        x = tf.convert_to_tensor(x)
+        # The error at the pre-activation output, through the exact forward pass.
+        with tf.GradientTape() as tape:
+            z = probe.exact(x)
+            if layer.bias is not None:
+                z = z + layer.bias
+            tape.watch(z)
+            out = layer.activation(z)
+        dz = tape.gradient(out, z, output_gradients=dy)
+        stats = summaries(probe.compare(x, dz))
+        for gemm, values in stats.items():
+            expected = self.predicted.get(layer.name, {}).get(gemm)
+            if expected is not None and expected[0] is not None:
+                retention, n_eff = expected
+                values["predicted_retention"] = float(retention)
+                values["short"] = bool(falls_short(retention, values["retention"], n_eff,
+                                                   values["loss_stderr"]))
+        return stats
+
     def probe(self, step: int) -> Dict[str, Dict[str, Dict[str, float]]]:
         if not self.layers:
             return {}
@@ -249,25 +220,41 @@ class AccumHealth(keras.callbacks.Callback):
             loss = self.loss_fn(self.y, outs[0]) * self.loss_scale()
         dys = tape.gradient(loss, outs[1 + n:])
         stats = {}
-        for twins, x, dy in zip(self.twins, outs[1:1 + n], dys):
+        for probe, x, dy in zip(self.probes, outs[1:1 + n], dys):
             if dy is None:
                 continue
-            stats[twins.layer.name] = twins.compare(x, dy)
+            stats[probe.layer.name] = self._measure(probe, x, dy)
         with self.writer.as_default(step=step):
             for name, per_gemm in stats.items():
                 for gemm, values in per_gemm.items():
-                    tf.summary.scalar(f"accum_vrr/{name}/{gemm}", values["vrr"])
-                    tf.summary.scalar(f"accum_rel_error/{name}/{gemm}", values["rel_error"])
-                    tf.summary.scalar(f"accum_retention/{name}/{gemm}", values["retention"])
+                    tag = f"{name}/{gemm}"
+                    tf.summary.scalar(f"accum_retention/{tag}", values["retention"])
+                    if "predicted_retention" in values:
+                        tf.summary.scalar(f"accum_retention_predicted/{tag}",
+                                          values["predicted_retention"])
+                    tf.summary.scalar(f"accum_variance_ratio/{tag}", values["variance_ratio"])
+                    tf.summary.scalar(f"accum_rel_error/{tag}", values["rel_error"])
         self.writer.flush()
         self.last, self.last_step = stats, step
+        for name, per_gemm in stats.items():
+            for gemm, values in per_gemm.items():
+                entry = self.record.setdefault(name, {}).setdefault(
+                    gemm, {"predicted": values.get("predicted_retention"), "min": math.inf,
+                           "probes": 0, "short": 0})
+                entry["last"] = values["retention"]
+                if math.isfinite(values["retention"]):
+                    entry["min"] = min(entry["min"], values["retention"])
+                entry["probes"] += 1
+                entry["short"] += int(values.get("short", False))
         return stats
 
     def worst(self) -> Optional[str]:
-        """The lowest VRR of the last probe, as ``0.981 (conv2/grad)``."""
+        """The lowest retention of the last probe, as ``0.981 (conv2/grad)``."""
         worst = None
         for name, per_gemm in self.last.items():
             for gemm, values in per_gemm.items():
-                if np.isfinite(values["vrr"]) and (worst is None or values["vrr"] < worst[0]):
-                    worst = (values["vrr"], f"{name}/{gemm}")
-        return None if worst is None else f"{worst[0]:.3f} ({worst[1]})"
+                value = values["retention"]
+                if np.isfinite(value) and (worst is None or value < worst[0]):
+                    worst = (value, f"{name}/{gemm}")
+        return None if worst is None else f"{worst[0]:.4f} ({worst[1]})"
+

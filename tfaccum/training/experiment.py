@@ -1,13 +1,14 @@
 """One run, and an experiment made of runs.
 
-A run lives in ``<model_dir>/<run name>/``::
+A run lives in ``<model_dir>/<run name>/seed<seed>/``::
 
     config.json       the settings its result depends on (checked on every restart)
     plan.json         predicted runs: the precision plan (already shifted by the offset)
     policies.json     the AccumPolicy of every rewritten layer
     checkpoints/      model + optimizer + epoch, saved after every epoch
     history.jsonl     one line per finished epoch (train/test metrics, lr, time)
-    result.json       written last: the run is finished
+    result.json       written last: the run is finished (with the health record:
+                      predicted versus measured retention of every emulated GEMM)
     train/ validation/ and HParams: TensorBoard (see ``callbacks``)
 
 Restarting with the same flags resumes each unfinished run from its last checkpoint (the
@@ -169,7 +170,8 @@ class Experiment:
             raise DriverError(f"--batch_size: {settings.batch_size} does not split evenly "
                               f"over the {replicas} replicas of --strategy={settings.strategy}")
         self.replica_batch = settings.batch_size // replicas
-        self.data = data_lib.load(settings)
+        self.data = data_lib.load(settings, settings.seed)
+        self._data_seed = settings.seed
         # Fail now, not after the first runs, on a network that does not fit the data or
         # a --keep_full_precision name it lacks.
         keras.backend.clear_session()
@@ -191,9 +193,14 @@ class Experiment:
             cb.write_hparams_config(s.model_dir)
         results = [self.train_run(spec) for spec in self.specs]
         if self.chief:
+            seeds = (f"seed {s.seed}" if s.seeds == 1 else
+                     f"seeds {s.seed}-{s.seed + s.seeds - 1}, paired")
+            operands = s.operands.name if s.operands is not None else "float32"
             table = summary_lib.write(
                 s.model_dir, self.finished_results(results),
-                title=f"{s.model} on {s.dataset}, {s.epochs} epochs, seed {s.seed}")
+                title=f"{s.model} on {s.dataset}, {s.epochs} epochs, {seeds}, operands "
+                      f"{operands}, accumulator exponent {s.acc_exponent_bits} bits, "
+                      f"rounding {s.rounding}")
             self.log("\n" + table.rstrip())
             self.log(f"summary: {os.path.join(s.model_dir, 'summary.md')} (and summary.csv); "
                      f"TensorBoard: tensorboard --logdir {s.model_dir}")
@@ -202,19 +209,32 @@ class Experiment:
     def finished_results(self, results: List[dict]) -> List[dict]:
         """This invocation's runs plus finished runs of the same settings in model_dir
         (a convergence experiment's baseline serves a later single run)."""
-        by_name = {r["name"]: r for r in results}
+        by_dir = {RunSpec(**r["run"]).directory: r for r in results}
         training = self.settings.training_config()
-        for entry in sorted(os.listdir(self.settings.model_dir)):
-            result = read_json(os.path.join(self.settings.model_dir, entry, "result.json"))
-            if result and entry not in by_name and result.get("config", {}).get(
-                    "training") == training:
-                by_name[entry] = result
-        return list(by_name.values())
+        root = self.settings.model_dir
+        for entry in sorted(os.listdir(root)):
+            if not os.path.isdir(os.path.join(root, entry)):
+                continue
+            for sub in sorted(os.listdir(os.path.join(root, entry))):
+                result = read_json(os.path.join(root, entry, sub, "result.json"))
+                key = f"{entry}/{sub}"
+                if result and key not in by_dir and result.get("config", {}).get(
+                        "training") == training:
+                    by_dir[key] = result
+        return list(by_dir.values())
+
+    def data_for(self, seed: int):
+        """The dataset of the runs of ``seed`` (for digits, the seed picks the fold)."""
+        if seed != self._data_seed:
+            self.data = data_lib.load(self.settings, seed)
+            self._data_seed = seed
+        return self.data
 
     # ---------------------------------------------------------------------------------
     def plan_for(self, spec: RunSpec, run_dir: str):
         """The run's precision plan: from its plan.json when restarting, else predicted
-        (once per chunk size per invocation) and shifted by the offset."""
+        (once per chunk size per invocation, on the network and batches of the first
+        seed) and shifted by the offset."""
         path = os.path.join(run_dir, "plan.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -222,18 +242,19 @@ class Experiment:
         base = self._plans.get(spec.chunk_size)
         if base is None:
             t0 = time.time()
-            base = pol.predict_plan(self.settings, self.data, spec.chunk_size,
-                                    self.replica_batch)
+            seed = self.settings.seed
+            base = pol.predict_plan(self.settings, data_lib.load(self.settings, seed),
+                                    spec.chunk_size, self.replica_batch, seed)
             self._plans[spec.chunk_size] = base
             self.log(f"predicted accumulator precision (batch {self.replica_batch} per "
-                     f"replica, chunk {spec.chunk_size or 'none'}, "
-                     f"{time.time() - t0:.1f} s):\n{base}")
+                     f"replica, chunk {spec.chunk_size or 'none'}, network and batches of "
+                     f"seed {seed}, {time.time() - t0:.1f} s):\n{base}")
         plan = base.shift(spec.offset) if spec.offset else base
         write_json(path, None, plan.to_json())
         return plan
 
     def _run_dir(self, spec: RunSpec) -> str:
-        run_dir = os.path.join(self.settings.model_dir, spec.name)
+        run_dir = os.path.join(self.settings.model_dir, spec.directory)
         if not self.chief:  # other workers keep their (identical) state apart
             run_dir = os.path.join(run_dir, ".workers", str(self.strategy.cluster_resolver.task_id))
         os.makedirs(run_dir, exist_ok=True)
@@ -243,6 +264,7 @@ class Experiment:
         """Trains one run to the end (resuming it if it has a checkpoint) and returns its
         result; a finished run is not trained again."""
         run_dir = self._run_dir(spec)
+        data = self.data_for(spec.seed)
         config = {"run": spec.to_dict(), "training": self.settings.training_config()}
         result = self._check_run_dir(run_dir, spec, config)
         if result is not None:
@@ -254,7 +276,7 @@ class Experiment:
                    {name: p.to_dict() for name, p in trainee.policies.items()})
         writer = cb.RunWriter(run_dir) if self.chief else None
         try:
-            history = self._train(spec, run_dir, trainee, writer)
+            history, health = self._train(spec, run_dir, trainee, writer, data, plan)
         finally:
             if writer is not None:
                 writer.close()
@@ -264,9 +286,10 @@ class Experiment:
             "bits": trainee.bits, "epochs": len(history), "steps": last["step"],
             "test_error_pct": last["test_error_pct"], "test_loss": last["test_loss"],
             "train_loss": last["loss"], "train_time_s": sum(r["time_s"] for r in history),
+            "seed": spec.seed, "health": health,
         }
         write_json(os.path.join(run_dir, "result.json"), result)
-        self.log(f"[{spec.name}] done: test error {result['test_error_pct']:.2f}% after "
+        self.log(f"[{spec.directory}] done: test error {result['test_error_pct']:.2f}% after "
                  f"{result['epochs']} epochs ({result['train_time_s']:.0f} s of training)")
         return result
 
@@ -281,7 +304,7 @@ class Experiment:
                               "); use another --model_dir or delete that directory")
         result = read_json(os.path.join(run_dir, "result.json"))
         if result is not None:
-            self.log(f"[{spec.name}] finished before: test error "
+            self.log(f"[{spec.directory}] finished before: test error "
                      f"{result['test_error_pct']:.2f}% after {result['epochs']} epochs "
                      "(skipped)")
         return result
@@ -291,7 +314,7 @@ class Experiment:
         s = self.settings
         keras.backend.clear_session()  # same layer names in every run and in the plan
         with self.strategy.scope():
-            keras.utils.set_random_seed(s.seed)  # same initial weights in every run
+            keras.utils.set_random_seed(spec.seed)  # same initial weights for every config
             base = pol.build_model(s, self.data.input_shape, self.data.classes)
             policies = pol.layer_policies(spec, s, base, plan)
             model = pol.emulate(base, policies)
@@ -308,20 +331,28 @@ class Experiment:
         return _Trainee(model, optimizer, loss_fn, checkpoint, epoch, policies,
                         pol.describe(policies), kept)
 
-    def _health(self, spec: RunSpec, trainee: "_Trainee", writer) -> Optional[cb.AccumHealth]:
+    def _health(self, spec: RunSpec, trainee: "_Trainee", writer, data,
+                plan) -> Optional[cb.AccumHealth]:
         s = self.settings
         if writer is None or not s.health_every_steps or not spec.emulated:
             return None
-        size = min(s.health_batch_size or self.replica_batch, self.data.test_size)
+        size = min(s.health_batch_size or self.replica_batch, data.test_size)
         optimizer = trainee.optimizer
-        health = cb.AccumHealth(trainee.model, self.data.probe(size), trainee.loss_fn,
+        predicted = None
+        if plan is not None:
+            predicted = {l.layer: {g: (l.gemm(g).retention, l.gemm(g).effective_length)
+                                   for g in ("fwd", "bwd", "grad")} for l in plan}
+        health = cb.AccumHealth(trainee.model, data.probe(size), trainee.loss_fn,
                                 writer.train, s.health_every_steps,
-                                loss_scale=lambda: current_loss_scale(optimizer))
+                                loss_scale=lambda: current_loss_scale(optimizer),
+                                predicted=predicted)
         return health if health.layers else None
 
-    def _train(self, spec: RunSpec, run_dir: str, trainee: "_Trainee", writer) -> List[dict]:
-        """The epoch loop: fit one epoch, evaluate, log, checkpoint; returns the history."""
-        s, tag = self.settings, f"[{spec.name}]"
+    def _train(self, spec: RunSpec, run_dir: str, trainee: "_Trainee", writer, data,
+               plan) -> "tuple[List[dict], dict]":
+        """The epoch loop: fit one epoch, evaluate, log, checkpoint; returns the history
+        and the health record (:attr:`AccumHealth.record`)."""
+        s, tag = self.settings, f"[{spec.directory}]"
         model, optimizer = trainee.model, trainee.optimizer
         manager = tf.train.CheckpointManager(trainee.checkpoint,
                                              os.path.join(run_dir, "checkpoints"), max_to_keep=2)
@@ -339,8 +370,9 @@ class Experiment:
                             "chunk_size": spec.chunk_size,
                             "acc_exponent_bits": s.acc_exponent_bits if spec.emulated else 8,
                             "operands": s.operands.name if s.operands else "fp32",
-                            "bits": trainee.bits, "seed": s.seed}, trial_id=spec.name)
-        health = self._health(spec, trainee, writer)
+                            "bits": trainee.bits, "seed": spec.seed},
+                           trial_id=spec.directory)
+        health = self._health(spec, trainee, writer, data, plan)
         if health is not None and start == 0:
             health.probe(0)
         self.log(f"{tag} accumulators: {trainee.bits}; {len(trainee.policies)} layer(s) "
@@ -349,11 +381,11 @@ class Experiment:
 
         for epoch in range(start, s.epochs):
             t0 = time.time()
-            fit = model.fit(self.data.train(s.seed, epoch, s.batch_size), epochs=epoch + 1,
+            fit = model.fit(data.train(spec.seed, epoch, s.batch_size), epochs=epoch + 1,
                             initial_epoch=epoch, shuffle=False, verbose=0,
                             callbacks=[health] if health is not None else [])
             train = {k: float(v[-1]) for k, v in fit.history.items()}
-            test = model.evaluate(self.data.test(s.batch_size), verbose=0, return_dict=True)
+            test = model.evaluate(data.test(s.batch_size), verbose=0, return_dict=True)
             test = {k: float(v) for k, v in test.items()}
             row = {"epoch": epoch + 1, "step": int(optimizer.iterations.numpy()),
                    "loss": train["loss"], "accuracy": train["accuracy"],
@@ -362,7 +394,7 @@ class Experiment:
                    "learning_rate": current_learning_rate(optimizer),
                    "time_s": time.time() - t0}
             if health is not None and health.last:
-                row["worst_vrr"] = health.worst()
+                row["worst_retention"] = health.worst()
             if writer is not None:
                 writer.epoch(row["step"], train, test, row["learning_rate"])
             # History first, then the checkpoint: a restart truncates the history to the
@@ -374,14 +406,15 @@ class Experiment:
             self.log(f"{tag} epoch {epoch + 1:>{len(str(s.epochs))}}/{s.epochs}  "
                      f"loss {row['loss']:.4f}  acc {100 * row['accuracy']:.2f}%  "
                      f"test err {row['test_error_pct']:.2f}%  lr {row['learning_rate']:.4g}"
-                     + (f"  min vrr {row['worst_vrr']}" if row.get("worst_vrr") else "")
+                     + (f"  min retention {row['worst_retention']}"
+                        if row.get("worst_retention") else "")
                      + f"  {row['time_s']:.1f} s")
             if (s.interrupt_after_epochs and epoch + 1 - start >= s.interrupt_after_epochs
                     and epoch + 1 < s.epochs):
                 raise Interrupted(f"{tag} stopped after epoch {epoch + 1}/{s.epochs} "
                                   "(--interrupt_after_epochs); run again with the same flags "
                                   "to resume")
-        return history
+        return history, (health.record if health is not None else {})
 
 
 @dataclasses.dataclass

@@ -55,7 +55,8 @@ def operand_format(settings: Settings) -> Optional[FloatFormat]:
     return fmt
 
 
-def _finish(policy: AccumPolicy, settings: Settings, layer_index: int) -> AccumPolicy:
+def _finish(policy: AccumPolicy, settings: Settings, layer_index: int,
+            seed: int) -> AccumPolicy:
     """Operand format and rounding of the run on top of a policy's accumulators."""
     configs = {}
     for i, gemm in enumerate(GEMMS):
@@ -65,7 +66,7 @@ def _finish(policy: AccumPolicy, settings: Settings, layer_index: int) -> AccumP
             continue
         changes = {"rounding": settings.rounding}
         if settings.rounding == "stochastic":  # a distinct stream per layer and GEMM
-            changes["seed"] = zlib.crc32(f"{settings.seed}/{layer_index}/{gemm}".encode())
+            changes["seed"] = zlib.crc32(f"{seed}/{layer_index}/{gemm}".encode())
         configs[gemm] = config.replace(**changes)
     return AccumPolicy(operands=operand_format(settings), **configs)
 
@@ -87,7 +88,8 @@ def layer_policies(spec: RunSpec, settings: Settings, model, plan=None
     else:
         config = AccumConfig(accumulator=spec.fixed_format(), chunk_size=spec.chunk_size)
         base = {name: AccumPolicy.uniform(config) for name in names}
-    return {name: _finish(policy, settings, i) for i, (name, policy) in enumerate(base.items())}
+    return {name: _finish(policy, settings, i, spec.seed)
+            for i, (name, policy) in enumerate(base.items())}
 
 
 def emulate(model, policies: Dict[str, AccumPolicy]):
@@ -137,20 +139,22 @@ def build_model(settings: Settings, input_shape, classes):
                           f"inputs {tuple(input_shape)}: {err}") from None
 
 
-def predict_plan(settings: Settings, data, chunk_size: int, batch_size: int):
-    """The predicted precision plan of the network at initialization (seeded as every
-    run is), with the sparsity measured on the first training batches."""
+def predict_plan(settings: Settings, data, chunk_size: int, batch_size: int, seed: int):
+    """The predicted precision plan of the network at initialization (seeded as the runs
+    of ``seed`` are), with the statistics measured on their first training batches, for
+    the run's own accumulator rounding and criterion."""
     from tfaccum import analysis
 
     keras.backend.clear_session()  # the layer names of the runs' models
-    keras.utils.set_random_seed(settings.seed)
+    keras.utils.set_random_seed(seed)
     model = build_model(settings, data.input_shape, data.classes)
-    batches = data.first_batches(settings.seed, batch_size, settings.prediction_batches)
+    batches = data.first_batches(seed, batch_size, settings.prediction_batches)
     return analysis.predict(
         model, batch_size=batch_size, product_mantissa_bits=settings.product_mantissa_bits,
         chunk_size=chunk_size, data=batches, sparsity="measure", cutoff=settings.cutoff,
         exponent_bits=settings.acc_exponent_bits, operands=operand_format(settings),
-        rounding=settings.rounding, max_batches=len(batches), seed=settings.seed)
+        rounding=settings.rounding, criterion=settings.criterion,
+        max_batches=len(batches), seed=seed)
 
 
 def load_plan(text: str):

@@ -52,6 +52,7 @@ class RunSpec:
     policy: str  # "fp32", "predicted" or a format name such as "e6m10"
     offset: int = 0
     chunk_size: int = 0
+    seed: int = 0  # initial weights, data order (and, for digits, the test fold)
 
     @property
     def emulated(self) -> bool:
@@ -69,6 +70,11 @@ class RunSpec:
         if self.offset:
             name += f"{self.offset:+d}"
         return name
+
+    @property
+    def directory(self) -> str:
+        """The run's directory under the model dir: ``<name>/seed<seed>``."""
+        return f"{self.name}/seed{self.seed}"
 
     def fixed_format(self) -> Optional[FloatFormat]:
         """The accumulator of a fixed-format run, offset applied (mantissa clamped at 0)."""
@@ -163,6 +169,7 @@ class Settings:
     warmup_epochs: float
     model_dir: str
     seed: int
+    seeds: int
     experiment: str
     policy: str
     acc_exponent_bits: int
@@ -174,6 +181,7 @@ class Settings:
     offsets: Tuple[int, ...]
     keep_full_precision: Tuple[str, ...]
     rounding: str
+    criterion: str
     cutoff: float
     prediction_batches: int
     strategy: str
@@ -185,7 +193,9 @@ class Settings:
 
     # The settings a run's result depends on; the others (where data and runs live, how
     # many devices, how often to probe) may change between a run and its resumption.
-    _NOT_TRAINING = ("data_dir", "model_dir", "experiment", "policy", "bits_offset",
+    # The run's own seed is part of its RunSpec; ``seed``/``seeds`` only choose which runs.
+    _NOT_TRAINING = ("data_dir", "model_dir", "experiment", "policy", "bits_offset", "seed",
+                     "seeds",
                      "offsets", "chunk_size", "chunk_variants", "strategy",
                      "health_every_steps", "health_batch_size", "interrupt_after_epochs")
 
@@ -262,7 +272,7 @@ class Settings:
         for c in chunk_variants:
             if c <= 0:
                 _fail("chunk_variants", f"chunk sizes must be > 0, got {c}")
-        operands = parse_operands(v.get("operands") or "none")
+        operands = parse_operands(v.get("operands") or recipe.operands)
         loss_scale = str(v.get("loss_scale") or "auto").lower()
         if loss_scale == "auto":
             loss_scale = "dynamic" if operands is not None else "none"
@@ -284,8 +294,12 @@ class Settings:
         image_size = v.get("image_size")
         image_size = {"digits": 8, "cifar10": 32}.get(dataset, image_size or 224)
         seed = v.get("seed", 0)
-        if not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             _fail("seed", f"must be a non-negative integer, got {seed!r}")
+        seeds = positive("seeds", pick("seeds"))
+        criterion = str(v.get("criterion") or "bounded")
+        if criterion not in ("bounded", "paper"):
+            _fail("criterion", f"unknown criterion {criterion!r}: choose bounded or paper")
         data_dir = os.path.expanduser(str(v.get("data_dir") or "~/tensorflow_datasets"))
         model_dir = v.get("model_dir") or os.path.join("/tmp/tfaccum", f"{model}_{dataset}")
         return cls(
@@ -294,11 +308,11 @@ class Settings:
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
             lr_schedule=lr_schedule, lr_decay_at=lr_decay_at, lr_decay_factor=lr_decay_factor,
             warmup_epochs=warmup_epochs, model_dir=os.path.abspath(os.path.expanduser(model_dir)),
-            seed=seed, experiment=experiment, policy=policy,
+            seed=seed, seeds=seeds, experiment=experiment, policy=policy,
             acc_exponent_bits=exponent_bits, chunk_size=chunk_size,
             chunk_variants=chunk_variants, operands=operands, loss_scale=loss_scale,
             bits_offset=int(bits_offset), offsets=offsets, keep_full_precision=keep,
-            rounding=rounding,
+            rounding=rounding, criterion=criterion,
             cutoff=positive("cutoff", v.get("cutoff", 50.0), float),
             prediction_batches=positive("prediction_batches", v.get("prediction_batches", 4)),
             strategy=strategy,
@@ -317,22 +331,27 @@ class Settings:
 
     # ------------------------------------------------------------------------------
     def run_specs(self) -> List[RunSpec]:
-        """The runs of this invocation, baseline first.
+        """The runs of this invocation, seed by seed, baseline first in each.
 
         ``single``: the one run given by ``--policy``, ``--bits_offset``, ``--chunk_size``.
         ``convergence``: the fp32 baseline and ``--policy`` (offset ``--bits_offset``).
         ``tightness``: those, and ``--policy`` shifted by each of ``--offsets``.
         Both experiments repeat their reduced-precision runs for each ``--chunk_variants``.
+        Every configuration runs once per seed ``seed .. seed + seeds - 1``; the runs of
+        one seed share initial weights and batches (a paired comparison).
         """
         if self.experiment == "single":
-            return [RunSpec(self.policy, self.bits_offset if self.policy != "fp32" else 0,
-                            self.chunk_size if self.policy != "fp32" else 0)]
-        shifts = [0] + ([o for o in self.offsets if o != 0]
-                        if self.experiment == "tightness" else [])
-        specs = [RunSpec("fp32")]
-        for chunk in dict.fromkeys((self.chunk_size,) + self.chunk_variants):
-            specs += [RunSpec(self.policy, self.bits_offset + s, chunk) for s in shifts]
-        return list(dict.fromkeys(specs))
+            configs = [RunSpec(self.policy, self.bits_offset if self.policy != "fp32" else 0,
+                               self.chunk_size if self.policy != "fp32" else 0)]
+        else:
+            shifts = [0] + ([o for o in self.offsets if o != 0]
+                            if self.experiment == "tightness" else [])
+            configs = [RunSpec("fp32")]
+            for chunk in dict.fromkeys((self.chunk_size,) + self.chunk_variants):
+                configs += [RunSpec(self.policy, self.bits_offset + s, chunk) for s in shifts]
+        configs = list(dict.fromkeys(configs))
+        return [dataclasses.replace(c, seed=seed)
+                for seed in range(self.seed, self.seed + self.seeds) for c in configs]
 
     def training_config(self) -> Dict[str, Any]:
         """What every run's result depends on, as plain JSON values."""

@@ -491,7 +491,27 @@ def test_cli_measures_sparsity_on_digits(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     plan = PrecisionPlan.load(str(out))
     assert plan.sparsity == "measured" and plan["fc1"].fwd.sparsity > 0
+    assert "real batches" in plan.statistics and plan["fc1"].fwd.coherence is not None
     assert (tmp_path / "v.png").exists()
+
+
+def test_cli_measures_on_real_data_or_says_why_not(tmp_path, capsys):
+    """No silent N(0, 1): without the model's dataset the CLI stops and names the ways
+    out; --dataset=synthetic measures on N(0, 1) inputs and the plan says so."""
+    from tfaccum import analyze
+
+    assert analyze.main(["analyze", "--model=resnet32", f"--data_dir={tmp_path}",
+                         "--batch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "no prepared cifar10 data" in err and "--dataset=synthetic" in err
+    out = tmp_path / "plan.json"
+    with pytest.warns(RuntimeWarning, match="synthetic"):
+        status = analyze.main(["analyze", "--model=digits_cnn", "--dataset=synthetic",
+                               "--batch_size=8", "--rounding=toward_zero", f"--output={out}"])
+    assert status == 0
+    plan = PrecisionPlan.load(str(out))
+    assert "NOT real data" in plan.statistics and plan.rounding == "toward_zero"
+    assert "NOT real data" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--model=nope"], ["--batch_size=-3"], ["--sparsity=2"],

@@ -154,8 +154,14 @@ def health_rows(results: List[Mapping]) -> List[dict]:
                     row["min"] = min(row["min"], v["min"])
                 row["probes"] += int(v.get("probes", 0))
                 row["short"] += int(v.get("short", 0))
+    layer_order: Dict[str, int] = {}
+    for key in out:
+        layer_order.setdefault(key[1], len(layer_order))
+    gemms = ("fwd", "bwd", "grad")
     table = []
-    for row in out.values():
+    for key in sorted(out, key=lambda k: (k[0], layer_order[k[1]], gemms.index(k[2])
+                                          if k[2] in gemms else 3)):
+        row = out[key]
         last = row.pop("last")
         row["measured_last_mean"] = sum(last) / len(last) if last else None
         if not math.isfinite(row["min"]):

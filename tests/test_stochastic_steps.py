@@ -294,3 +294,59 @@ def test_bad_steps_are_clear_errors():
     for bad in (1.5, True, tf.constant(1.0), "3"):
         with pytest.raises(TypeError, match="step must be an integer"):
             tfaccum.accum_matmul(a, a, AccumConfig(), step=bad)
+
+
+# --------------------------------------------------------------------------------------
+# Second-order gradients round their operands (numerics §5)
+OPERANDS = AccumPolicy(fwd=AccumConfig(accumulator=FloatFormat(6, 8)),
+                       bwd=AccumConfig(accumulator=FloatFormat(6, 7), chunk_size=3),
+                       grad=AccumConfig(accumulator=FloatFormat(6, 6)),
+                       operands=FloatFormat(4, 3))
+
+
+def test_second_order_conv_gradients_round_every_operand():
+    """d/dw and d/ddy of <dx(w, dy), u>, and d/dx and d/ddy of <dw(x, dy), v>, as the
+    reference GEMMs on operands rounded to the policy's operand format."""
+    rng = np.random.default_rng(21)
+    x, w = rand(rng, 1, 4, 4, 2), rand(rng, 3, 3, 2, 3)
+    geo = dict(strides=(1, 1), padding="SAME")
+    y_shape = ref.conv2d(x, w, OPERANDS, **geo).shape
+    dy, u, v = rand(rng, *y_shape), rand(rng, *x.shape), rand(rng, *w.shape)
+    x_t, w_t, dy_t = tf.constant(x), tf.constant(w), tf.constant(dy)
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch([x_t, w_t, dy_t])
+        with tf.GradientTape() as inner:
+            inner.watch([x_t, w_t])
+            y = tfaccum.accum_conv2d(x_t, w_t, OPERANDS, **geo)
+        dx, dw = inner.gradient(y, [x_t, w_t], output_gradients=dy_t)
+        dx_u = tf.reduce_sum(dx * u)
+        dw_v = tf.reduce_sum(dw * v)
+    # <dx, u>: dx = bwd(w, dy), so d/dw = grad GEMM of (u, dy); d/ddy = fwd GEMM of (u, w).
+    d_w, d_dy = outer.gradient(dx_u, [w_t, dy_t])
+    assert_bits_equal(d_w, ref.conv2d_backprop_filter(u, w.shape, dy, OPERANDS, **geo))
+    assert_bits_equal(d_dy, ref.conv2d(u, w, OPERANDS, **geo))
+    # <dw, v>: dw = grad(x, dy), so d/dx = bwd GEMM of (v, dy); d/ddy = fwd GEMM of (x, v).
+    d_x, d_dy2 = outer.gradient(dw_v, [x_t, dy_t])
+    assert_bits_equal(d_x, ref.conv2d_backprop_input(x.shape, v, dy, OPERANDS, **geo))
+    assert_bits_equal(d_dy2, ref.conv2d(x, v, OPERANDS, **geo))
+
+
+def test_second_order_matmul_gradients_round_every_operand():
+    rng = np.random.default_rng(22)
+    a, b = rand(rng, 3, 5), rand(rng, 5, 4)
+    dy, u = rand(rng, 3, 4), rand(rng, 3, 5)
+    a_t, b_t, dy_t = tf.constant(a), tf.constant(b), tf.constant(dy)
+    with tf.GradientTape() as outer:
+        outer.watch([b_t, dy_t])
+        with tf.GradientTape() as inner:
+            inner.watch(a_t)
+            y = tfaccum.accum_matmul(a_t, b_t, OPERANDS)
+        da = inner.gradient(y, a_t, output_gradients=dy_t)  # bwd GEMM dy·bᵀ
+        da_u = tf.reduce_sum(da * u)
+    d_b, d_dy = outer.gradient(da_u, [b_t, dy_t])
+    # da = dy·bᵀ is a matmul under `bwd`; its gradients are its bwd and grad GEMMs.
+    # Its inputs were rounded (dy here, b in the forward); u is rounded by its gradient.
+    q = lambda t: ref.quantize(t, OPERANDS.operands)  # noqa: E731
+    want_ddy, want_dbt = ref.matmul_grads(q(dy), q(b), u, OPERANDS, transpose_b=True)
+    assert_bits_equal(d_dy, want_ddy)
+    assert_bits_equal(d_b, want_dbt)

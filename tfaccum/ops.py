@@ -310,16 +310,20 @@ def _conv2d_grad(op, dy):
     return dx, dw, None
 
 
+# Second order. The forward op's operands (w, dy; x, dy) were rounded to the policy's
+# operand format already; the incoming gradient is rounded here, so that every GEMM input
+# is (numerics §5), as in the first-order gradients.
 @tf.RegisterGradient("TfaccumConv2DBackpropInput")
 def _conv2d_backprop_input_grad(op, ddx):
     """dx = conv_transpose(dy, w) is linear in dy and w."""
     policy = _policy_of(op)
     _, w, dy, step = op.inputs
+    (ddx_q,) = _quantize_operands(policy, ddx)
     lib = load_library()
     conv = _conv_attrs(op)
-    d_dy = lib.tfaccum_conv2d(ddx, w, step, **conv, **_config_attrs(policy.fwd, policy))
+    d_dy = lib.tfaccum_conv2d(ddx_q, w, step, **conv, **_config_attrs(policy.fwd, policy))
     d_w = lib.tfaccum_conv2d_backprop_filter(
-        ddx, tf.shape(w, out_type=tf.int32), dy, step, **conv,
+        ddx_q, tf.shape(w, out_type=tf.int32), dy, step, **conv,
         **_config_attrs(policy.grad, policy))
     return None, d_w, d_dy, None
 
@@ -328,12 +332,13 @@ def _conv2d_backprop_input_grad(op, ddx):
 def _conv2d_backprop_filter_grad(op, ddw):
     policy = _policy_of(op)
     x, _, dy, step = op.inputs
+    (ddw_q,) = _quantize_operands(policy, ddw)
     lib = load_library()
     conv = _conv_attrs(op)
     d_x = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), ddw, dy, step, **conv,
+        tf.shape(x, out_type=tf.int32), ddw_q, dy, step, **conv,
         **_config_attrs(policy.bwd, policy))
-    d_dy = lib.tfaccum_conv2d(x, ddw, step, **conv, **_config_attrs(policy.fwd, policy))
+    d_dy = lib.tfaccum_conv2d(x, ddw_q, step, **conv, **_config_attrs(policy.fwd, policy))
     return d_x, None, d_dy, None
 
 

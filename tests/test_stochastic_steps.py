@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -252,6 +253,17 @@ def test_grouped_conv_groups_draw_independently():
             assert equal == [same] * (groups - 1), (cfg.rounding, tensor.shape)
 
 
+def test_grouped_layer_matches_reference():
+    rng = np.random.default_rng(8)
+    layer = tfaccum.layers.AccumConv2D(6, (2, 3), groups=2, padding="valid", use_bias=False,
+                                       policy=STOCHASTIC)
+    x = rand(rng, 1, 5, 6, 4)
+    layer.build(x.shape)
+    layer.step_counter = tf.constant(21, tf.int64)
+    assert_bits_equal(layer(x), ref.conv2d(x, layer.kernel.numpy(), STOCHASTIC,
+                                           padding="VALID", step=21))
+
+
 def test_grouped_conv_errors():
     cfg = AccumConfig()
     lib = tfaccum.ops.load_library()
@@ -294,6 +306,9 @@ def test_bad_steps_are_clear_errors():
     for bad in (1.5, True, tf.constant(1.0), "3"):
         with pytest.raises(TypeError, match="step must be an integer"):
             tfaccum.accum_matmul(a, a, AccumConfig(), step=bad)
+    with pytest.raises(TypeError, match="step_counter"):
+        tfaccum.set_step_counter(keras.Sequential([tfaccum.layers.AccumDense(2)]),
+                                 tf.Variable(1.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -350,3 +365,133 @@ def test_second_order_matmul_gradients_round_every_operand():
     want_ddy, want_dbt = ref.matmul_grads(q(dy), q(b), u, OPERANDS, transpose_b=True)
     assert_bits_equal(d_dy, want_ddy)
     assert_bits_equal(d_b, want_dbt)
+
+
+# --------------------------------------------------------------------------------------
+# Layers: the step comes from a checkpointed counter
+def _stochastic_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    policy = AccumPolicy(fwd=STOCHASTIC.replace(seed=1), bwd=STOCHASTIC.replace(seed=2),
+                         grad=STOCHASTIC.replace(seed=3))
+    inputs = keras.Input((6, 6, 2))
+    h = tfaccum.layers.AccumConv2D(4, 3, groups=2, activation="relu", policy=policy)(inputs)
+    h = keras.layers.Flatten()(h)
+    outputs = tfaccum.layers.AccumDense(3, policy=policy)(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", jit_compile=False)
+    assert tfaccum.set_step_counter(model, model.optimizer.iterations) == 2
+    return model
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rand(rng, 32, 6, 6, 2), rand(rng, 32, 3)
+
+
+def test_layers_draw_from_the_optimizer_step():
+    model = _stochastic_model()
+    x, _ = _data()
+    conv = model.layers[1]
+    assert conv.step_counter is model.optimizer.iterations
+    assert len(model.weights) == 4  # the counter is not a layer weight
+    y0 = model(x[:4], training=False).numpy()
+    model.optimizer.iterations.assign(1)
+    y1 = model(x[:4], training=False).numpy()
+    model.optimizer.iterations.assign(0)
+    assert_bits_equal(model(x[:4], training=False), y0)
+    assert not np.array_equal(bits(y0), bits(y1))
+    # The layer's forward at step 1 is the reference's at step 1.
+    inner = keras.Model(model.inputs[0], conv.output)
+    model.optimizer.iterations.assign(1)
+    assert_bits_equal(inner(x[:2]), np.maximum(ref.conv2d(
+        x[:2], conv.kernel.numpy(), conv.policy, padding="VALID", step=1)
+        + conv.bias.numpy(), 0))
+
+
+def test_a_stochastic_layer_without_counter_warns_once():
+    layer = tfaccum.layers.AccumDense(2, policy=STOCHASTIC)
+    x = np.ones((1, 3), np.float32)
+    with pytest.warns(tfaccum.layers.StepCounterWarning, match="set_step_counter"):
+        layer(x, training=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x, training=True)  # once per layer
+        tfaccum.layers.AccumDense(2, policy=STOCHASTIC)(x, training=False)  # inference
+        tfaccum.layers.AccumDense(2)(x, training=True)  # not stochastic
+        counted = tfaccum.layers.AccumDense(2, policy=STOCHASTIC)
+        counted.step_counter = tf.Variable(3, dtype=tf.int64)
+        counted(x, training=True)
+    assert not [w for w in caught if issubclass(w.category, tfaccum.layers.StepCounterWarning)]
+
+
+def test_keras_fit_resumed_from_checkpoint_equals_uninterrupted(tmp_path):
+    """Two epochs straight vs one epoch, checkpoint (model + optimizer), a fresh model
+    restored from it, one more epoch: the same weights, bit for bit. A resumed run that
+    restarted the stream (its counter not restored) would not be."""
+    x, y = _data()
+
+    def fit(model, epochs, initial_epoch=0):
+        model.fit(x, y, batch_size=8, epochs=epochs, initial_epoch=initial_epoch,
+                  shuffle=False, verbose=0)
+
+    straight = _stochastic_model()
+    fit(straight, 2)
+    assert int(straight.optimizer.iterations.numpy()) == 8
+
+    first = _stochastic_model()
+    fit(first, 1)
+    path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(
+        str(tmp_path / "ckpt"))
+    resumed = _stochastic_model(seed=99)  # other initial weights: all must come from the file
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(
+        path).assert_existing_objects_matched()
+    assert int(resumed.optimizer.iterations.numpy()) == 4
+    fit(resumed, 2, initial_epoch=1)
+    for a, b in zip(straight.weights, resumed.weights):
+        assert_bits_equal(a.numpy(), b.numpy())
+
+    # The same resume with the stream restarted at step 0 ends elsewhere.
+    restarted = _stochastic_model(seed=99)
+    restarted.optimizer.build(restarted.trainable_variables)
+    tf.train.Checkpoint(model=restarted, optimizer=restarted.optimizer).restore(path)
+    restarted.optimizer.iterations.assign(0)
+    fit(restarted, 2, initial_epoch=1)
+    assert not all(np.array_equal(bits(a.numpy()), bits(b.numpy()))
+                   for a, b in zip(straight.weights, restarted.weights))
+
+
+def test_mirrored_replicas_read_the_step(tmp_path):
+    """Under MirroredStrategy (two logical CPUs) the layers read the replicated counter
+    in replica context: training runs and the step advances the stream."""
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, "tests")
+import keras, tfaccum
+from test_stochastic_steps import _stochastic_model, _data
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = _stochastic_model()
+x, y = _data()
+model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+assert int(model.optimizer.iterations.numpy()) == 4
+w = [v.numpy() for v in model.weights]
+assert all(np.all(np.isfinite(v)) for v in w)
+print("OK", strategy.num_replicas_in_sync)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                          text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK 2" in proc.stdout

@@ -157,6 +157,7 @@ class _Twins:
         else:
             self.exact = type(layer).from_config(
                 {**config, "name": f"{layer.name}_health_exact", "policy": exact.to_dict()})
+        self.emulated.step_counter = layer.step_counter  # stochastic draws of the current step
         for twin in (self.emulated, self.exact):
             twin.build(tuple(layer.input.shape))
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from tfaccum.layers import set_step_counter
 from tfaccum.training import callbacks as cb
 from tfaccum.training import data as data_lib
 from tfaccum.training import policies as pol
@@ -302,6 +303,9 @@ class Experiment:
             model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"],
                           jit_compile=False)
             optimizer.build(model.trainable_variables)
+            # Stochastic rounding draws from the stream of the optimizer's step, which the
+            # checkpoint saves: fresh bits every step, continued on resume.
+            set_step_counter(model, optimizer.iterations)
             epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
         kept = pol.kept_names(s, base) if spec.emulated else []

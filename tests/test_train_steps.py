@@ -1,4 +1,5 @@
-"""The training driver with stochastic rounding: resumed runs continue the stream.
+"""The training driver with stochastic rounding: resumed runs continue the stream, an
+interrupted epoch is logged once.
 
 Event files are read record by record (not through TensorBoard's EventAccumulator,
 which hides a restarted step by purging), so a step written twice is seen twice.
@@ -124,3 +125,56 @@ def test_stochastic_run_resumed_after_an_epoch_equals_uninterrupted(straight, tm
     events, expected = run_events(run), run_events(straight)
     assert events["train"] == expected["train"]
     assert events["validation"] == expected["validation"]
+
+
+@pytest.mark.parametrize("kill_step", [4, 12], ids=["first_epoch", "second_epoch"])
+def test_run_killed_mid_epoch_logs_every_step_once(straight, tmp_path, monkeypatch, kill_step):
+    """Killed in the middle of an epoch (after the health probe of ``kill_step`` was
+    written), restarted: the repeated steps are not logged twice, and every summary and
+    the final weights are those of the uninterrupted run."""
+    from tfaccum.training import callbacks
+
+    probe_end = callbacks.AccumHealth.on_train_batch_end
+
+    def killed(self, batch, logs=None):
+        probe_end(self, batch, logs)
+        if int(self.net.optimizer.iterations.numpy()) == kill_step:
+            raise KeyboardInterrupt  # the driver's answer to Ctrl-C: exit status 130
+
+    with monkeypatch.context() as patch:
+        patch.setattr(callbacks.AccumHealth, "on_train_batch_end", killed)
+        assert train_main(*ARGS, f"--model_dir={tmp_path}") == 130
+    run = tmp_path / RUN
+    logged = scalars(run / "train")
+    for tag in health_tags(logged):
+        assert [step for step, _ in logged[tag]] == list(range(0, kill_step + 1, 4)), tag
+
+    assert train_main(*ARGS, f"--model_dir={tmp_path}") == 0
+    events, expected = run_events(run), run_events(straight)
+    for tag in health_tags(events["train"]):
+        assert [step for step, _ in events["train"][tag]] == [0, 4, 8, 12, 16], tag
+    assert [step for step, _ in events["train"]["loss"]] == [8, 16]
+    assert [step for step, _ in events["validation"]["error"]] == [8, 16]
+    assert len(events[""]["_hparams_/session_start_info"]) == 1  # the HParams of one run
+    assert events["train"] == expected["train"]  # the same values as uninterrupted
+    assert events["validation"] == expected["validation"]
+    assert_same_weights(run / "checkpoints", straight / "checkpoints")
+
+
+def test_discard_events_after_drops_later_and_truncated_records(tmp_path):
+    import tensorflow as tf
+
+    from tfaccum.training.callbacks import discard_events_after
+
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for step in range(8):
+            tf.summary.scalar("x", float(step), step=step)
+    writer.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    path.write_bytes(path.read_bytes()[:-5])  # a kill in the middle of the last record
+    assert discard_events_after(str(tmp_path), 4) == 3  # steps 5, 6 and the cut step 7
+    assert [step for step, _ in scalars(tmp_path)["x"]] == [0, 1, 2, 3, 4]
+    assert discard_events_after(str(tmp_path), 4) == 0
+    assert discard_events_after(str(tmp_path), -1) == 5
+    assert not list(tmp_path.glob("events.out.tfevents.*"))

@@ -337,6 +337,8 @@ class Experiment:
                      f"{manager.latest_checkpoint}")
         history_path = os.path.join(run_dir, "history.jsonl")
         history = read_history(history_path, start)
+        if writer is not None:  # drop what an interrupted invocation logged past the checkpoint
+            writer.resume(int(optimizer.iterations.numpy()) if manager.latest_checkpoint else -1)
 
         if writer is not None and start == 0:
             writer.hparams({"policy": spec.policy, "offset": spec.offset,

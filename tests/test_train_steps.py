@@ -1,5 +1,6 @@
 """The training driver with stochastic rounding: resumed runs continue the stream, an
-interrupted epoch is logged once.
+interrupted epoch is logged once, and ``--strategy=multi_worker`` trains on two local
+worker processes.
 
 Event files are read record by record (not through TensorBoard's EventAccumulator,
 which hides a restarted step by purging), so a step written twice is seen twice.
@@ -178,3 +179,61 @@ def test_discard_events_after_drops_later_and_truncated_records(tmp_path):
     assert discard_events_after(str(tmp_path), 4) == 0
     assert discard_events_after(str(tmp_path), -1) == 5
     assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------------------
+def _free_ports(count):
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_multi_worker_strategy_on_two_local_workers(tmp_path):
+    """Two worker processes of the driver under MultiWorkerMirroredStrategy (TF_CONFIG on
+    127.0.0.1): both train the same steps to the same weights; only the chief (worker 0)
+    writes summaries and the experiment summary."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    args = ["--strategy=multi_worker", "--policy=e6m10", "--rounding=stochastic",
+            "--epochs=1", "--max_train_examples=256", "--max_test_examples=64",
+            "--batch_size=32", "--health_every_steps=4", "--health_batch_size=16",
+            f"--model_dir={tmp_path}"]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tfaccum.train", *args], cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(TF_CONFIG=tf_config)))
+    deadline = time.time() + 180
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1, deadline - time.time()))
+            outputs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for code, out, err in outputs:
+        assert code == 0, err[-3000:]
+    assert "batch 32 on 2 replicas" in outputs[0][1]
+
+    chief, worker = tmp_path / RUN, tmp_path / RUN / ".workers" / "1"
+    for run in (chief, worker):
+        result = json.loads((run / "result.json").read_text())
+        assert result["steps"] == 8  # 256 examples, global batch 32
+    assert_same_weights(chief / "checkpoints", worker / "checkpoints")
+    assert (tmp_path / "summary.md").exists()
+    events = run_events(chief)
+    assert [step for step, _ in events["train"]["loss"]] == [8]
+    for tag in health_tags(events["train"]):
+        assert [step for step, _ in events["train"][tag]] == [0, 4, 8], tag
+    assert [step for step, _ in events["validation"]["error"]] == [8]
+    assert not list(worker.glob("**/events.out.tfevents.*"))

@@ -74,6 +74,9 @@ def make_strategy(name: str):
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multi_worker":
+        from tfaccum.training.multi_worker import patch_keras
+
+        patch_keras()  # Keras 3's fit fails across workers without it
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 

@@ -96,10 +96,10 @@ def bench_conv(repeats):
              lambda: tfaccum.accum_conv2d(x, w, policy).numpy()),
             ("input grad", lambda: tf.compat.v1.nn.conv2d_backprop_input(
                 x_shape, w, dy, [1, 1, 1, 1], "SAME").numpy(),
-             lambda: lib.tfaccum_conv2d_backprop_input(x_shape, w, dy, **attrs).numpy()),
+             lambda: lib.tfaccum_conv2d_backprop_input(x_shape, w, dy, 0, **attrs).numpy()),
             ("filter grad", lambda: tf.compat.v1.nn.conv2d_backprop_filter(
                 x, w_shape, dy, [1, 1, 1, 1], "SAME").numpy(),
-             lambda: lib.tfaccum_conv2d_backprop_filter(x, w_shape, dy, **attrs).numpy()),
+             lambda: lib.tfaccum_conv2d_backprop_filter(x, w_shape, dy, 0, **attrs).numpy()),
         ]
         for pass_name, native_fn, ours_fn in passes:
             native = median_time(native_fn, repeats)

@@ -149,8 +149,8 @@ int64_t tfaccum_cuda_geometry_bytes(void) { return sizeof(ConvGeometry); }
 
 const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_product,
                                      int32_t rounding, int64_t chunk_size, uint64_t seed,
-                                     void* out) {
-  return make_params(formats, has_product, rounding, chunk_size, seed,
+                                     int64_t step, int64_t group, int64_t groups, void* out) {
+  return make_params(formats, has_product, rounding, chunk_size, seed, step, group, groups,
                      static_cast<AccumParams*>(out));
 }
 

@@ -15,8 +15,10 @@ From the repository root:
    zeros, lengths that are not a multiple of the chunk size) over all rounding modes,
    several formats and chunk sizes, each under every tile shape the launcher has, and
    compares every output bit for bit with tfaccum/reference.py (exact rationals; loaded
-   by path, without TensorFlow). Stochastic cases use the reference's seed, so they check
-   that the GPU draws what the CPU draws. Any NaN matches any NaN; everything else must
+   by path, without TensorFlow). Stochastic cases use the reference's seed and step
+   (tfaccum_cuda_make_params folds the step into the stream seed as the TensorFlow
+   kernels do), so they check that the GPU draws what the CPU draws; grouped-convolution
+   cases run one group's op and check that it draws the whole output's elements. Any NaN matches any NaN; everything else must
    have identical bits (so the sign of zero counts). Then larger matmuls (several tiles
    in every direction) must agree across tile shapes and, at sampled outputs, with the
    reference.
@@ -105,7 +107,7 @@ def build_emulation(out=None, verbose=True):
 class Library:
     """ctypes view of accum_launchers.h."""
 
-    ABI_VERSION = 1
+    ABI_VERSION = 2
 
     def __init__(self, path):
         self.path = path
@@ -124,7 +126,8 @@ class Library:
             "tfaccum_cuda_params_bytes": (i64, []),
             "tfaccum_cuda_format_bytes": (i64, []),
             "tfaccum_cuda_geometry_bytes": (i64, []),
-            "tfaccum_cuda_make_params": (cp, [ctypes.POINTER(i32), i32, i32, i64, u64, vp]),
+            "tfaccum_cuda_make_params": (cp, [ctypes.POINTER(i32), i32, i32, i64, u64, i64,
+                                              i64, i64, vp]),
             "tfaccum_cuda_make_format": (cp, [ctypes.POINTER(i32), i32, vp]),
             "tfaccum_cuda_make_conv_geometry": (cp, [ctypes.POINTER(i64), vp,
                                                      ctypes.POINTER(i64)]),
@@ -141,7 +144,7 @@ class Library:
             raise RuntimeError(f"{what}: CUDA error {code} "
                                f"({self.lib.tfaccum_cuda_error_string(code).decode()})")
 
-    def params(self, config):
+    def params(self, config, step=0, group=0, groups=1):
         acc = config.accumulator.kernel_attr()
         prod = config.product.kernel_attr() if config.product is not None else [8, 23, 1, 0]
         chunk = config.effective_chunk_accumulator.kernel_attr()
@@ -149,7 +152,7 @@ class Library:
         buf = ctypes.create_string_buffer(int(self.lib.tfaccum_cuda_params_bytes()))
         err = self.lib.tfaccum_cuda_make_params(
             formats, int(config.product is not None), ROUNDINGS.index(config.rounding),
-            config.chunk_size, config.seed % 2 ** 64, buf)
+            config.chunk_size, config.seed % 2 ** 64, step, group, groups, buf)
         if err:
             raise ValueError(err.decode())
         return buf
@@ -492,13 +495,49 @@ def make_cases(quick=False, seed=1234):
         dy = values(rng, "normal", conv["out_shape"], fmt, 1)
         cases.append(dict(op=op, conv=conv, x=x, w=w, dy=dy, kind="wide",
                           config=random_config(rng, rounding, fmt, 40, fmt, chunk=7)))
+    # Stochastic rounding at later training steps (the step selects the stream), in a
+    # narrow accumulator over sums long enough that the draws decide many outputs.
+    plain = dict(x_shape=(2, 5, 4, 3), k_shape=(3, 2, 3, 4), strides=(1, 1),
+                 dilations=(1, 1), padding="SAME", out_shape=(2, 5, 4, 4))
+    narrow = FloatFormat(5, 4)
+    for op in ("matmul", "conv_fwd", "conv_bwd_input", "conv_bwd_filter"):
+        for step in (1, int(rng.integers(2, 2 ** 63 - 1))):
+            config = random_config(rng, "stochastic", narrow, 20, chunk=int(step % 2) * 5)
+            if op == "matmul":
+                a = values(rng, "normal", (5, 33), narrow, 0)
+                b = values(rng, "normal", (33, 6), narrow, 1)
+                cases.append(dict(op=op, a=a, b=b, ta=False, tb=False, kind="normal",
+                                  step=step, config=config))
+                continue
+            x = values(rng, "normal", plain["x_shape"], narrow, 0)
+            w = values(rng, "normal", plain["k_shape"], narrow, 1)
+            dy = values(rng, "normal", plain["out_shape"], narrow, 1)
+            cases.append(dict(op=op, conv=plain, x=x, w=w, dy=dy, kind="normal", step=step,
+                              config=config))
+    # Grouped convolutions: the op of one group of the whole (grouped) convolution.
+    grouped = dict(x_shape=(2, 5, 4, 6), k_shape=(3, 2, 2, 9), strides=(1, 2),
+                   dilations=(1, 1), padding="SAME", groups=3)
+    oh, ow, _, _ = ref.conv2d_geometry(grouped["x_shape"], grouped["k_shape"],
+                                       grouped["strides"], grouped["padding"],
+                                       grouped["dilations"])
+    grouped["out_shape"] = (2, oh, ow, 9)
+    for op in ("conv_fwd", "conv_bwd_input", "conv_bwd_filter"):
+        for group in (0, 2):
+            x = values(rng, "normal", grouped["x_shape"], narrow, 0)
+            w = values(rng, "normal", grouped["k_shape"], narrow, 1)
+            dy = values(rng, "normal", grouped["out_shape"], narrow, 1)
+            cases.append(dict(op=op, conv=grouped, x=x, w=w, dy=dy, kind="grouped",
+                              group=group, step=group * 7,
+                              config=random_config(rng, "stochastic", narrow, 12, chunk=0)))
     # quantize
     for rounding in ROUNDINGS:
         for kind in kinds:
             fmt = next_format()
             x = values(rng, kind, (int(rng.integers(1, 300)),), fmt, 0)
             cases.append(dict(op="quantize", x=x, fmt=fmt, rounding=rounding, kind=kind,
-                              seed=int(rng.integers(-2 ** 63, 2 ** 63 - 1))))
+                              seed=int(rng.integers(-2 ** 63, 2 ** 63 - 1)),
+                              step=int(rng.integers(0, 2 ** 63 - 1)) if rounding ==
+                              "stochastic" and kind == "normal" else 0))
     for i, case in enumerate(cases):
         case["label"] = f"#{i:03d} {describe(case)}"
     return cases
@@ -506,8 +545,10 @@ def make_cases(quick=False, seed=1234):
 
 def describe(case):
     op = case["op"]
+    step = f" step {case['step']}" if case.get("step") else ""
     if op == "quantize":
-        return f"quantize n={case['x'].size} {case['fmt']!r} {case['rounding']} [{case['kind']}]"
+        return (f"quantize n={case['x'].size} {case['fmt']!r} {case['rounding']}{step} "
+                f"[{case['kind']}]")
     cfg = case["config"]
     if op == "matmul":
         m = case["a"].shape[1] if case["ta"] else case["a"].shape[0]
@@ -518,24 +559,44 @@ def describe(case):
         c = case["conv"]
         shape = (f"{op} x{c['x_shape']} k{c['k_shape'][:2]} cout={c['k_shape'][3]} "
                  f"s{c['strides']} d{c['dilations']} {c['padding']}")
-    return f"{shape} {cfg!r} [{case['kind']}]"
+        if c.get("groups", 1) > 1:
+            shape += f" group {case['group']} of {c['groups']}"
+    return f"{shape} {cfg!r}{step} [{case['kind']}]"
 
 
 def reference_output(case):
     """The reference result of a case (runs in worker processes)."""
     op = case["op"]
     cfg = case.get("config")
+    step = case.get("step", 0)
     if op == "matmul":
-        return ref.matmul(case["a"], case["b"], cfg, case["ta"], case["tb"])
+        return ref.matmul(case["a"], case["b"], cfg, case["ta"], case["tb"], step=step)
     if op == "quantize":
-        return ref.quantize(case["x"], case["fmt"], case["rounding"], case["seed"])
+        return ref.quantize(case["x"], case["fmt"], case["rounding"], case["seed"], step=step)
     c = case["conv"]
-    geo = dict(strides=c["strides"], padding=c["padding"], dilations=c["dilations"])
+    geo = dict(strides=c["strides"], padding=c["padding"], dilations=c["dilations"], step=step)
     if op == "conv_fwd":
-        return ref.conv2d(case["x"], case["w"], cfg, **geo)
-    if op == "conv_bwd_input":
-        return ref.conv2d_backprop_input(c["x_shape"], case["w"], case["dy"], cfg, **geo)
-    return ref.conv2d_backprop_filter(case["x"], c["k_shape"], case["dy"], cfg, **geo)
+        out = ref.conv2d(case["x"], case["w"], cfg, **geo)
+    elif op == "conv_bwd_input":
+        out = ref.conv2d_backprop_input(c["x_shape"], case["w"], case["dy"], cfg, **geo)
+    else:
+        out = ref.conv2d_backprop_filter(case["x"], c["k_shape"], case["dy"], cfg, **geo)
+    if c.get("groups", 1) > 1:  # the kernel computes one group's channels of the whole
+        _, (x_c, y_c) = _group_channels(case)
+        out = out[..., x_c] if op == "conv_bwd_input" else out[..., y_c]
+    return out
+
+
+def _group_channels(case):
+    """(the conv of one group, (its input-channel slice, its output-channel slice))."""
+    c = case["conv"]
+    groups, group = c.get("groups", 1), case.get("group", 0)
+    kh, kw, cin_g, cout = c["k_shape"]
+    cout_g = cout // groups
+    sub = dict(c, x_shape=tuple(c["x_shape"][:3]) + (cin_g,), k_shape=(kh, kw, cin_g, cout_g),
+               out_shape=tuple(c["out_shape"][:3]) + (cout_g,))
+    return sub, (slice(group * cin_g, (group + 1) * cin_g),
+                 slice(group * cout_g, (group + 1) * cout_g))
 
 
 def _reference_job(case):
@@ -552,11 +613,15 @@ def run_case(lib, backend, case):
         x = backend.upload(case["x"])
         y = backend.fill_sentinel(case["x"].shape)
         fmt = lib.format(case["fmt"], case["rounding"])
+        # The launcher takes the stream seed (the TensorFlow kernel folds the step in).
+        seed = ref.stream_seed(case["seed"], case.get("step", 0))
         lib.check(lib.lib.tfaccum_cuda_quantize(backend.ptr(x), backend.ptr(y), case["x"].size,
                                                 fmt, ROUNDINGS.index(case["rounding"]),
-                                                case["seed"] % 2 ** 64, None), "quantize")
+                                                seed, None), "quantize")
         return backend.download(y)
-    params = lib.params(case["config"])
+    c = case.get("conv", {})
+    params = lib.params(case["config"], case.get("step", 0), case.get("group", 0),
+                        c.get("groups", 1))
     if op == "matmul":
         a, b = case["a"], case["b"]
         m = a.shape[1] if case["ta"] else a.shape[0]
@@ -567,7 +632,8 @@ def run_case(lib, backend, case):
                                               m, n, k, int(case["ta"]), int(case["tb"]),
                                               params, None), "matmul")
         return backend.download(out)
-    c = case["conv"]
+    c, (x_c, y_c) = _group_channels(case)  # the whole conv when not grouped
+    case = dict(case, x=case["x"][..., x_c], w=case["w"][..., y_c], dy=case["dy"][..., y_c])
     geometry, dims = lib.geometry(c)
     want = ref.conv2d_geometry(c["x_shape"], c["k_shape"], c["strides"], c["padding"],
                                c["dilations"])

@@ -227,8 +227,8 @@ def test_errors_are_clear():
     w = np.ones((3, 3, 3, 2), np.float32)
     with pytest.raises(ValueError, match="channel mismatch"):
         tfaccum.accum_conv2d(x, np.ones((3, 3, 2, 2), np.float32), cfg)
-    with pytest.raises(ValueError, match="grouped convolution"):
-        tfaccum.accum_conv2d(np.ones((1, 5, 5, 4), np.float32), np.ones((3, 3, 2, 2), np.float32), cfg)
+    with pytest.raises(ValueError, match="grouped convolution.*do not split into 2 groups"):
+        tfaccum.accum_conv2d(np.ones((1, 5, 5, 4), np.float32), np.ones((3, 3, 2, 3), np.float32), cfg)
     with pytest.raises(ValueError, match="rank 4"):
         tfaccum.accum_conv2d(x[0], w, cfg)
     with pytest.raises(ValueError, match="strides must be positive"):
@@ -252,8 +252,8 @@ def test_errors_are_clear():
         unknown_rank(x[0], w)
     lib = tfaccum.ops.load_library()
     with pytest.raises(tf.errors.InvalidArgumentError, match="explicit_paddings"):
-        lib.tfaccum_conv2d(x, w, padding="EXPLICIT", explicit_paddings=[1, 1])
+        lib.tfaccum_conv2d(x, w, 0, padding="EXPLICIT", explicit_paddings=[1, 1])
     with pytest.raises(tf.errors.InvalidArgumentError, match="out_backprop has shape"):
-        lib.tfaccum_conv2d_backprop_input([1, 5, 5, 3], w, np.ones((1, 4, 4, 2), np.float32))
+        lib.tfaccum_conv2d_backprop_input([1, 5, 5, 3], w, np.ones((1, 4, 4, 2), np.float32), 0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="filter_sizes"):
-        lib.tfaccum_conv2d_backprop_filter(x, [3, 3, 3], np.ones((1, 5, 5, 2), np.float32))
+        lib.tfaccum_conv2d_backprop_filter(x, [3, 3, 3], np.ones((1, 5, 5, 2), np.float32), 0)

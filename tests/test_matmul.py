@@ -431,17 +431,17 @@ def test_invalid_kernel_attributes_are_invalid_argument():
     lib = tfaccum.ops.load_library()
     a = np.ones((2, 2), np.float32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="mantissa_bits must be in 0..23"):
-        lib.tfaccum_mat_mul(a, a, accumulator=[8, 24, 1, 0])
+        lib.tfaccum_mat_mul(a, a, 0, accumulator=[8, 24, 1, 0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="exponent_bits"):
-        lib.tfaccum_mat_mul(a, a, accumulator=[9, 10, 1, 0])
+        lib.tfaccum_mat_mul(a, a, 0, accumulator=[9, 10, 1, 0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="4 integers"):
-        lib.tfaccum_mat_mul(a, a, product=[5, 2])
+        lib.tfaccum_mat_mul(a, a, 0, product=[5, 2])
     with pytest.raises(tf.errors.InvalidArgumentError, match="chunk_size"):
-        lib.tfaccum_mat_mul(a, a, chunk_size=-1)
+        lib.tfaccum_mat_mul(a, a, 0, chunk_size=-1)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="rounding"):
-        lib.tfaccum_mat_mul(a, a, rounding="up")
+        lib.tfaccum_mat_mul(a, a, 0, rounding="up")
     with pytest.raises(tf.errors.InvalidArgumentError, match="format"):
-        lib.tfaccum_quantize(a, format=[5, 10, 2, 0])
+        lib.tfaccum_quantize(a, 0, format=[5, 10, 2, 0])
 
 
 def test_empty_inputs():

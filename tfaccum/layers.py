@@ -22,7 +22,23 @@ Operands in another compute dtype (mixed precision) are cast to float32 for the 
 the result is cast back. ``Dense`` on inputs of rank above 2 reshapes them to 2-D so that
 the GEMM is one ``[B*..., in] x [in, units]`` product. ``Conv2D`` with
 ``data_format="channels_first"`` is transposed to NHWC around the op (the order of each
-sum is unchanged); ``groups > 1`` runs one op per group.
+sum is unchanged); ``groups > 1`` runs one op per group (with the stochastic element
+indices of the whole output, numerics §4).
+
+**Stochastic rounding and the training step.** The draws of a stochastic GEMM are keyed
+by its seed and a *step* (numerics §4). A layer takes its step from its
+``step_counter``, which :func:`set_step_counter` points at a checkpointed counter,
+normally the optimizer's ``iterations``::
+
+    >>> model.compile(optimizer="sgd", loss=...)
+    >>> tfaccum.set_step_counter(model, model.optimizer.iterations)
+
+Every training step then draws fresh bits, the same ones for the same ``(seed, step)``
+on any device and thread count, and a run restored from a checkpoint that holds the
+counter continues the stream where it stopped. Without a counter the step is 0: every
+call draws the same bits, and the first training call of a stochastic layer warns
+(:class:`StepCounterWarning`). Under ``tf.distribute`` every replica reads the same
+counter value, so the replicas of one step share its stream.
 
 Both layers set ``supports_jit = False`` (XLA has no kernel for the tfaccum ops), carry
 their policy in ``get_config()`` (as ``AccumPolicy.to_dict()``) and are registered with
@@ -34,6 +50,7 @@ inputs instead.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional, Union
 
 import keras
@@ -42,7 +59,8 @@ import tensorflow as tf
 import tfaccum
 from tfaccum.config import FULL_PRECISION, AccumConfig, AccumPolicy, as_policy
 
-__all__ = ["AccumDense", "AccumConv2D", "coerce_policy", "TWINS"]
+__all__ = ["AccumDense", "AccumConv2D", "coerce_policy", "set_step_counter",
+           "StepCounterWarning", "TWINS"]
 
 PolicyLike = Union[AccumPolicy, AccumConfig, Mapping[str, Any]]
 
@@ -66,6 +84,56 @@ def coerce_policy(value: Optional[PolicyLike], *, what: str = "policy") -> Accum
                     f"from AccumPolicy.to_dict(), got {type(value).__name__}")
 
 
+class StepCounterWarning(UserWarning):
+    """A stochastic tfaccum layer trains without a step counter: its draws repeat."""
+
+
+class _StepState:
+    """A layer's step counter (and whether the current call trains), held in a plain
+    object: Keras and TensorFlow track variables assigned to layer attributes as the
+    layer's own weights, while the counter belongs to (and is saved with) its owner,
+    such as the optimizer."""
+
+    __slots__ = ("counter", "training", "warned")
+
+    def __init__(self):
+        self.counter = None
+        self.training = None
+        self.warned = False
+
+
+def _check_counter(counter):
+    if counter is None or callable(counter) and not hasattr(counter, "dtype"):
+        return counter
+    dtype = getattr(counter, "dtype", None)
+    if dtype is None or not tf.as_dtype(dtype).is_integer:
+        raise TypeError("step_counter must be None, an integer variable or tensor (such as "
+                        "optimizer.iterations) or a callable returning one, got "
+                        f"{type(counter).__name__} of dtype {dtype}")
+    return counter
+
+
+def set_step_counter(model, counter) -> int:
+    """Points every tfaccum layer of ``model`` (nested layers and models included) at
+    ``counter`` for its stochastic-rounding step; returns how many layers it set.
+
+    ``counter``: an integer variable, normally ``model.optimizer.iterations`` (Keras
+    increments it once per applied step and saves it with the optimizer, so a restored
+    run continues the stream); an integer scalar tensor or a callable returning one; or
+    ``None`` for step 0. Set it before the training function is traced (before ``fit``):
+    the layers read it when traced.
+    """
+    counter = _check_counter(counter)
+    layers = model._flatten_layers(include_self=True, recursive=True) \
+        if hasattr(model, "_flatten_layers") else [model]
+    count = 0
+    for layer in layers:
+        if isinstance(layer, _AccumMixin):
+            layer.step_counter = counter
+            count += 1
+    return count
+
+
 class _AccumMixin:
     """The policy attribute, serialization and guards shared by the tfaccum layers."""
 
@@ -80,6 +148,7 @@ class _AccumMixin:
 
     def _init_accum(self, policy):
         self._accum_policy = coerce_policy(policy)
+        self._tfaccum_step = _StepState()
         # Keras turns XLA on whenever a GPU is visible; XLA has no kernel for our ops.
         self.supports_jit = False
         if self.quantization_mode is not None:
@@ -102,6 +171,44 @@ class _AccumMixin:
         if value is None:
             raise TypeError("policy must be a tfaccum.AccumPolicy or AccumConfig, got None")
         self._accum_policy = coerce_policy(value)
+
+    @property
+    def step_counter(self):
+        """Where the stochastic-rounding step comes from (see :func:`set_step_counter`):
+        ``None`` (step 0), an integer variable or tensor, or a callable returning one. Not
+        part of ``get_config()``: it is wiring to a training run, not configuration."""
+        return self._tfaccum_step.counter
+
+    @step_counter.setter
+    def step_counter(self, counter):
+        self._tfaccum_step.counter = _check_counter(counter)
+
+    def __setattr__(self, name, value):
+        # Keras tracks a variable assigned to any attribute as the layer's own state, even
+        # through a property: the counter must reach the property setter untracked.
+        if name == "step_counter":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _current_step(self, training):
+        """The step input of this call's ops: the counter's value (read when the op runs)."""
+        state = self._tfaccum_step
+        counter = state.counter
+        if counter is None:
+            stochastic = any(getattr(self._accum_policy, g).rounding == "stochastic"
+                             for g in ("fwd", "bwd", "grad"))
+            if training and stochastic and not state.warned:
+                state.warned = True
+                warnings.warn(
+                    f"{type(self).__name__} '{self.name}' rounds stochastically but has no "
+                    "step counter, so every training step draws the same random bits; call "
+                    "tfaccum.set_step_counter(model, model.optimizer.iterations) before "
+                    "training", StepCounterWarning, stacklevel=3)
+            return 0
+        if callable(counter) and not hasattr(counter, "dtype"):
+            counter = counter()
+        return tf.convert_to_tensor(counter)
 
     def get_config(self):
         config = super().get_config()
@@ -143,12 +250,13 @@ class AccumDense(_AccumMixin, keras.layers.Dense):
         kernel = self._as_float32(self.kernel)
         x = self._as_float32(inputs)
         in_features = kernel.shape[0]
+        step = self._current_step(training)
         if x.shape.rank == 2:
-            y = tfaccum.accum_matmul(x, kernel, self._accum_policy)
+            y = tfaccum.accum_matmul(x, kernel, self._accum_policy, step=step)
         else:
             lead = tf.shape(x)[:-1]
             y = tfaccum.accum_matmul(tf.reshape(x, [-1, in_features]), kernel,
-                                     self._accum_policy)
+                                     self._accum_policy, step=step)
             y = tf.reshape(y, tf.concat([lead, [self.units]], axis=0))
             y.set_shape(x.shape[:-1].concatenate([self.units]))
         if y.dtype != self.compute_dtype:
@@ -179,6 +287,14 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
         super().__init__(filters, kernel_size, *args, **self._keras_default_name(kwargs))
         self._init_accum(policy)
 
+    def call(self, inputs, training=None):
+        # Conv2D.call has no `training`; convolution_op (called from it) reads it here.
+        self._tfaccum_step.training = training
+        try:
+            return super().call(inputs)
+        finally:
+            self._tfaccum_step.training = None
+
     def convolution_op(self, inputs, kernel):
         out_dtype = inputs.dtype
         x = self._as_float32(inputs)
@@ -186,19 +302,11 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
         channels_first = self.data_format == "channels_first"
         if channels_first:
             x = tf.transpose(x, [0, 2, 3, 1])
-
-        def conv(xi, wi):
-            return tfaccum.accum_conv2d(xi, wi, self._accum_policy, strides=tuple(self.strides),
-                                        padding=self.padding.upper(),
-                                        dilations=tuple(self.dilation_rate))
-
-        if self.groups == 1:
-            y = conv(x, w)
-        else:
-            # Each group is an independent convolution over Cin/groups channels.
-            y = tf.concat([conv(xi, wi) for xi, wi in zip(tf.split(x, self.groups, axis=-1),
-                                                         tf.split(w, self.groups, axis=-1))],
-                          axis=-1)
+        # groups > 1: accum_conv2d runs one op per group (w is [KH, KW, Cin/groups, Cout]).
+        y = tfaccum.accum_conv2d(x, w, self._accum_policy, strides=tuple(self.strides),
+                                 padding=self.padding.upper(),
+                                 dilations=tuple(self.dilation_rate),
+                                 step=self._current_step(self._tfaccum_step.training))
         if channels_first:
             y = tf.transpose(y, [0, 3, 1, 2])
         return y if y.dtype == out_dtype else tf.cast(y, out_dtype)

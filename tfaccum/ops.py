@@ -4,7 +4,8 @@ Every op computes exactly what ``docs/numerics.md`` defines (and ``tfaccum.refer
 computes in pure Python). Gradients are registered once, at import, for the raw ops:
 the gradient of a GEMM is two more GEMMs of the same op, accumulated with the policy's
 ``bwd`` and ``grad`` configurations, which travel with the forward op in its ``policy``
-attribute.
+attribute, and drawing from the forward op's ``step`` (its last input: the training step
+whose stochastic-rounding stream the op uses, numerics §4).
 
     >>> cfg = tfaccum.AccumConfig(accumulator=tfaccum.FloatFormat(6, 9), chunk_size=64)
     >>> y = tfaccum.accum_matmul(a, b, cfg)          # every partial sum rounded to e6m9
@@ -16,6 +17,7 @@ import os
 import threading
 from typing import Sequence, Union
 
+import numpy as np
 import tensorflow as tf
 
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat, as_format, as_policy
@@ -50,6 +52,32 @@ def _check_float32(name: str, x) -> tf.Tensor:
     return x
 
 
+def _step_input(step) -> tf.Tensor:
+    """The ops' ``step`` input: an int64 scalar >= 0 from an int, a tensor or a variable.
+
+    Integer tensors of another dtype are cast; the kernels check the value (>= 0) and the
+    shape of tensors not known statically.
+    """
+    if step is None:
+        step = 0
+    if isinstance(step, (int, np.integer)) and not isinstance(step, (bool, np.bool_)):
+        if not 0 <= int(step) < 2 ** 63:
+            raise ValueError(f"step must be in 0..2**63-1, got {step}")
+        return tf.constant(int(step), tf.int64)
+    if isinstance(step, (bool, float, np.bool_, np.floating, str)):
+        raise TypeError(f"step must be an integer (int, or an integer scalar tensor or "
+                        f"variable), got {type(step).__name__} {step!r}")
+    tensor = tf.convert_to_tensor(step)
+    if not tensor.dtype.is_integer:
+        raise TypeError(f"step must be an integer scalar, got a {tensor.dtype.name} tensor")
+    if tensor.shape.rank is not None and tensor.shape.rank != 0:
+        raise ValueError(f"step must be a scalar, got shape {tensor.shape}")
+    return tensor if tensor.dtype == tf.int64 else tf.cast(tensor, tf.int64)
+
+
+_STEP_0 = 0  # operand rounding is nearest-even: its step is irrelevant
+
+
 def _config_attrs(config: AccumConfig, policy: AccumPolicy) -> dict:
     attrs = config.kernel_attrs()
     attrs["policy"] = policy.to_json()
@@ -62,42 +90,46 @@ def _policy_of(op) -> AccumPolicy:
 
 # --- quantize ---------------------------------------------------------------------------
 
-def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0, name=None) -> tf.Tensor:
+def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0, step=0,
+             name=None) -> tf.Tensor:
     """Rounds each element of float32 ``x`` once to ``fmt`` (straight-through gradient).
 
     ``fmt`` is a FloatFormat, a preset name ("bfloat16") or "e<E>m<M>". The stochastic
-    generator's element index is the flat row-major index, counter 0.
+    generator's element index is the flat row-major index, counter 0, in the stream of
+    ``step`` (an int >= 0 or an integer scalar tensor/variable, e.g. the optimizer's
+    ``iterations``).
     """
     fmt = as_format(fmt)
     config = AccumConfig(rounding=rounding, seed=seed)  # validates rounding and seed
     x = _check_float32("x", x)
     return load_library().tfaccum_quantize(
-        x, format=fmt.kernel_attr(), rounding=config.rounding, seed=config.seed, name=name)
+        x, _step_input(step), format=fmt.kernel_attr(), rounding=config.rounding,
+        seed=config.seed, name=name)
 
 
 @tf.RegisterGradient("TfaccumQuantize")
 def _quantize_grad(op, dy):
     del op
-    return dy  # straight-through
+    return dy, None  # straight-through; the step has no gradient
 
 
 def _quantize_operands(policy: AccumPolicy, *tensors):
     if policy.operands is None:
         return tensors
-    return tuple(quantize(t, policy.operands) for t in tensors)
+    return tuple(quantize(t, policy.operands, step=_STEP_0) for t in tensors)
 
 
 # --- matmul -----------------------------------------------------------------------------
 
-def _raw_matmul(a, b, config: AccumConfig, policy: AccumPolicy, transpose_a=False,
+def _raw_matmul(a, b, step, config: AccumConfig, policy: AccumPolicy, transpose_a=False,
                 transpose_b=False, name=None):
     return load_library().tfaccum_mat_mul(
-        a, b, transpose_a=transpose_a, transpose_b=transpose_b, name=name,
+        a, b, step, transpose_a=transpose_a, transpose_b=transpose_b, name=name,
         **_config_attrs(config, policy))
 
 
 def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = False,
-                 transpose_b: bool = False, name=None) -> tf.Tensor:
+                 transpose_b: bool = False, step=0, name=None) -> tf.Tensor:
     """``a·b`` (or with transposed operands) with rounded accumulation.
 
     Args:
@@ -106,17 +138,21 @@ def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = Fal
       config_or_policy: an AccumConfig (used for all three training GEMMs) or an
         AccumPolicy (``fwd`` here; ``bwd`` for ``da = dy·bᵀ``; ``grad`` for
         ``db = aᵀ·dy``; ``operands`` rounds each GEMM's inputs first).
+      step: the training step whose stochastic-rounding stream this product and its
+        gradients draw from (numerics §4): an int >= 0, or an integer scalar tensor or
+        variable such as the optimizer's ``iterations``. Irrelevant to other roundings.
 
     Returns: float32 ``[M, N]``; ``y[i, j]`` sums ``k = 0..K-1`` in order.
     """
     policy = as_policy(config_or_policy)
+    step = _step_input(step)
     a = _check_float32("a", a)
     b = _check_float32("b", b)
     for label, t in (("a", a), ("b", b)):
         if t.shape.rank is not None and t.shape.rank != 2:
             raise ValueError(f"{label} must be a matrix (rank 2), got shape {t.shape}")
     a, b = _quantize_operands(policy, a, b)
-    return _raw_matmul(a, b, policy.fwd, policy, transpose_a, transpose_b, name=name)
+    return _raw_matmul(a, b, step, policy.fwd, policy, transpose_a, transpose_b, name=name)
 
 
 @tf.RegisterGradient("TfaccumMatMul")
@@ -127,18 +163,20 @@ def _matmul_grad(op, dy):
     transposes, so the element index of the generator is the flat index of da / db.
     """
     policy = _policy_of(op)
-    a, b = op.inputs
+    a, b, step = op.inputs
     ta, tb = op.get_attr("transpose_a"), op.get_attr("transpose_b")
     (dy_q,) = _quantize_operands(policy, dy)
     if ta:   # da [K, M] = B·dyᵀ
-        da = _raw_matmul(b, dy_q, policy.bwd, policy, transpose_a=tb, transpose_b=True)
+        da = _raw_matmul(b, dy_q, step, policy.bwd, policy, transpose_a=tb, transpose_b=True)
     else:    # da [M, K] = dy·Bᵀ
-        da = _raw_matmul(dy_q, b, policy.bwd, policy, transpose_a=False, transpose_b=not tb)
+        da = _raw_matmul(dy_q, b, step, policy.bwd, policy, transpose_a=False,
+                         transpose_b=not tb)
     if tb:   # db [N, K] = dyᵀ·A
-        db = _raw_matmul(dy_q, a, policy.grad, policy, transpose_a=True, transpose_b=ta)
+        db = _raw_matmul(dy_q, a, step, policy.grad, policy, transpose_a=True, transpose_b=ta)
     else:    # db [K, N] = Aᵀ·dy
-        db = _raw_matmul(a, dy_q, policy.grad, policy, transpose_a=not ta, transpose_b=False)
-    return da, db
+        db = _raw_matmul(a, dy_q, step, policy.grad, policy, transpose_a=not ta,
+                         transpose_b=False)
+    return da, db, None
 
 
 # --- conv2d -----------------------------------------------------------------------------
@@ -192,21 +230,27 @@ def _conv_attrs(op) -> dict:
         "dilations": op.get_attr("dilations"),
         "padding": op.get_attr("padding").decode(),
         "explicit_paddings": op.get_attr("explicit_paddings"),
+        "group": op.get_attr("group"),
+        "groups": op.get_attr("groups"),
     }
 
 
 def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
                  padding: Union[str, Sequence] = "SAME", dilations=(1, 1),
-                 data_format: str = "NHWC", name=None) -> tf.Tensor:
+                 data_format: str = "NHWC", step=0, name=None) -> tf.Tensor:
     """2-D convolution (cross-correlation, as ``tf.nn.convolution``) with rounded accumulation.
 
     Args:
       x: float32 ``[B, H, W, Cin]`` (NHWC only).
-      w: float32 ``[KH, KW, Cin, Cout]``.
+      w: float32 ``[KH, KW, Cin / G, Cout]``: ``G > 1`` is a grouped convolution (as in
+        ``tf.nn.convolution``; ``x``'s channels must be known statically), computed as one
+        op per group whose stochastic element indices are those of the whole output.
       config_or_policy: AccumConfig or AccumPolicy (fwd / bwd = input gradient /
         grad = filter gradient).
       strides, dilations: an int or ``(h, w)``.
       padding: ``"SAME"``, ``"VALID"`` or ``[(top, bottom), (left, right)]``.
+      step: the training step whose stochastic-rounding stream the convolution and its
+        gradients draw from (see :func:`accum_matmul`).
 
     ``y[b, oy, ox, co]`` sums ``(ky, kx, ci)`` in row-major order; taps outside the
     image are exact zero products that count in the length and chunk boundaries.
@@ -215,6 +259,7 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
         raise ValueError(f"accum_conv2d supports data_format='NHWC' only, got {data_format!r}; "
                          "transpose to NHWC first")
     policy = as_policy(config_or_policy)
+    step = _step_input(step)
     x = _check_float32("x", x)
     w = _check_float32("w", w)
     if x.shape.rank is not None and x.shape.rank != 4:
@@ -222,57 +267,79 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
     if w.shape.rank is not None and w.shape.rank != 4:
         raise ValueError(f"w must be [KH, KW, Cin, Cout] (rank 4), got shape {w.shape}")
     cin_x, cin_w = x.shape[-1], w.shape[2] if w.shape.rank == 4 else None
+    cout = w.shape[3] if w.shape.rank == 4 else None
+    groups = 1
     if cin_x is not None and cin_w is not None and cin_x != cin_w:
-        if cin_w and cin_x % cin_w == 0:
-            raise ValueError(f"grouped convolution (x has {cin_x} channels, w expects "
-                             f"{cin_w}) is not supported")
-        raise ValueError(f"channel mismatch: x has {cin_x} input channels, w expects {cin_w}")
+        if not cin_w or cin_x % cin_w:
+            raise ValueError(f"channel mismatch: x has {cin_x} input channels, w expects "
+                             f"{cin_w}")
+        groups = cin_x // cin_w
+        if cout is None or cout % groups:
+            raise ValueError(f"grouped convolution: x has {cin_x} channels, w expects "
+                             f"{cin_w} ({groups} groups), but its {cout} output channels do "
+                             f"not split into {groups} groups")
     attrs = _padding_attrs(padding)
     sh, sw = _pair("strides", strides)
     dh, dw = _pair("dilations", dilations)
     x, w = _quantize_operands(policy, x, w)
-    return load_library().tfaccum_conv2d(
-        x, w, strides=[sh, sw], dilations=[dh, dw], name=name,
-        **attrs, **_config_attrs(policy.fwd, policy))
+    lib = load_library()
+    attrs.update(strides=[sh, sw], dilations=[dh, dw], **_config_attrs(policy.fwd, policy))
+    if groups == 1:
+        return lib.tfaccum_conv2d(x, w, step, name=name, **attrs)
+    # One op per group; `group`/`groups` make its draws those of the whole output's
+    # channels (numerics §4), so groups neither share draws nor depend on the split.
+    outputs = [lib.tfaccum_conv2d(xg, wg, step, group=g, groups=groups, **attrs)
+               for g, (xg, wg) in enumerate(zip(tf.split(x, groups, axis=-1),
+                                               tf.split(w, groups, axis=-1)))]
+    return tf.concat(outputs, axis=-1, name=name)
 
 
 @tf.RegisterGradient("TfaccumConv2D")
 def _conv2d_grad(op, dy):
     policy = _policy_of(op)
-    x, w = op.inputs
+    x, w, step = op.inputs
     (dy_q,) = _quantize_operands(policy, dy)
     lib = load_library()
     conv = _conv_attrs(op)
     dx = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), w, dy_q, **conv, **_config_attrs(policy.bwd, policy))
+        tf.shape(x, out_type=tf.int32), w, dy_q, step, **conv,
+        **_config_attrs(policy.bwd, policy))
     dw = lib.tfaccum_conv2d_backprop_filter(
-        x, tf.shape(w, out_type=tf.int32), dy_q, **conv, **_config_attrs(policy.grad, policy))
-    return dx, dw
+        x, tf.shape(w, out_type=tf.int32), dy_q, step, **conv,
+        **_config_attrs(policy.grad, policy))
+    return dx, dw, None
 
 
+# Second order. The forward op's operands (w, dy; x, dy) were rounded to the policy's
+# operand format already; the incoming gradient is rounded here, so that every GEMM input
+# is (numerics §5), as in the first-order gradients.
 @tf.RegisterGradient("TfaccumConv2DBackpropInput")
 def _conv2d_backprop_input_grad(op, ddx):
-    """Second order: dx = conv_transpose(dy, w) is linear in dy and w."""
+    """dx = conv_transpose(dy, w) is linear in dy and w."""
     policy = _policy_of(op)
-    _, w, dy = op.inputs
+    _, w, dy, step = op.inputs
+    (ddx_q,) = _quantize_operands(policy, ddx)
     lib = load_library()
     conv = _conv_attrs(op)
-    d_dy = lib.tfaccum_conv2d(ddx, w, **conv, **_config_attrs(policy.fwd, policy))
+    d_dy = lib.tfaccum_conv2d(ddx_q, w, step, **conv, **_config_attrs(policy.fwd, policy))
     d_w = lib.tfaccum_conv2d_backprop_filter(
-        ddx, tf.shape(w, out_type=tf.int32), dy, **conv, **_config_attrs(policy.grad, policy))
-    return None, d_w, d_dy
+        ddx_q, tf.shape(w, out_type=tf.int32), dy, step, **conv,
+        **_config_attrs(policy.grad, policy))
+    return None, d_w, d_dy, None
 
 
 @tf.RegisterGradient("TfaccumConv2DBackpropFilter")
 def _conv2d_backprop_filter_grad(op, ddw):
     policy = _policy_of(op)
-    x, _, dy = op.inputs
+    x, _, dy, step = op.inputs
+    (ddw_q,) = _quantize_operands(policy, ddw)
     lib = load_library()
     conv = _conv_attrs(op)
     d_x = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), ddw, dy, **conv, **_config_attrs(policy.bwd, policy))
-    d_dy = lib.tfaccum_conv2d(x, ddw, **conv, **_config_attrs(policy.fwd, policy))
-    return d_x, None, d_dy
+        tf.shape(x, out_type=tf.int32), ddw_q, dy, step, **conv,
+        **_config_attrs(policy.bwd, policy))
+    d_dy = lib.tfaccum_conv2d(x, ddw_q, step, **conv, **_config_attrs(policy.fwd, policy))
+    return d_x, None, d_dy, None
 
 
 __all__ = ["quantize", "accum_matmul", "accum_conv2d", "load_library", "AccumConfig",

@@ -25,7 +25,8 @@ Rounding ``Q_F(x)`` of an exact real ``x != 0``
 
     nearest_even:  n + 1 if f > 1/2, or f = 1/2 and n is odd; else n
     toward_zero:   n
-    stochastic:    n + 1 iff floor(f · 2^24) + r >= 2^24, r = random_bits(seed, element, counter)
+    stochastic:    n + 1 iff floor(f · 2^24) + r >= 2^24,
+                   r = random_bits(seed, element, counter, step)
 
 ("n odd" is "the last fraction bit is odd"; with m = 0 it still means n, so a tie between
 2^E and 2^(E+1) goes up, and the tie 2^(emin-1) goes down to zero.)
@@ -59,12 +60,15 @@ Sums are exact before rounding and follow IEEE 754 for specials: NaN propagates,
 ``Inf - Inf = NaN``, an exact zero sum is ``+0`` except ``(-0) + (-0) = -0``.
 
 Stochastic rounding draws ``r`` from a counter-based generator keyed by the config's seed,
-the output *element* (the flat row-major index of the value being computed) and the
-*counter* of the rounding (above; ``quantize`` uses counter 0)::
+the training *step* (an integer >= 0, the ops' ``step`` input; 0 by default), the output
+*element* (the flat row-major index of the value being computed; for a grouped
+convolution, in the whole output) and the *counter* of the rounding (above; ``quantize``
+uses counter 0)::
 
-    mix64(z)     = SplitMix64 finalizer (all arithmetic mod 2^64)
-    key(seed, e) = mix64(seed + (e + 1) · 0x9E3779B97F4A7C15)
-    r            = mix64(key(seed, e) ^ ((c + 1) · 0xD1B54A32D192ED03)) >> 40
+    mix64(z)           = SplitMix64 finalizer (all arithmetic mod 2^64)
+    stream(seed, step) = seed ^ mix64(step · 0xC2B2AE3D27D4EB4F)      (= seed at step 0)
+    key(s, e)          = mix64(s + (e + 1) · 0x9E3779B97F4A7C15),  s = stream(seed, step)
+    r                  = mix64(key(s, e) ^ ((c + 1) · 0xD1B54A32D192ED03)) >> 40
 
 Where the dot products come from (numerics §4–5)
 ------------------------------------------------
@@ -78,6 +82,13 @@ conv2d NHWC, w [KH,KW,Cin,Cout]    ``y[b,oy,ox,co]``   ``(ky, kx, ci)`` row-majo
 conv bwd                           ``dx[b,iy,ix,ci]``  ``(ky, kx, co)`` row-major  KH·KW·Cout
 conv grad                          ``dw[ky,kx,ci,co]`` ``(b, oy, ox)`` row-major   B·OH·OW
 =================================  ==================  =========================  ======
+
+Grouped convolution (``G`` groups: x has ``G·C`` channels for a filter
+``[KH,KW,C,Cout]``, ``Cout = G·D``): output channel ``co`` belongs to group
+``g = co // D`` and sums only its group's input channels ``g·C + ci``, ``ci < C``
+(forward, ``(ky, kx, ci)``); ``dx[..., g·C + ci]`` sums ``(ky, kx, d)`` over the group's
+``D`` output channels ``g·D + d``; ``dw[ky,kx,ci,co]`` reads input channel ``g·C + ci``.
+The stochastic element is the flat index in the whole ``y``, ``dx`` or ``dw``.
 
 Transposed matmul operands change only where values are read. The forward conv tap of
 ``(oy, ox, ky, kx)`` is the input pixel ``(oy·sy + ky·dy - pad_top, ox·sx + kx·dx - pad_left)``
@@ -119,6 +130,7 @@ import numpy as np
 from .config import ROUNDING_MODES, AccumConfig, AccumPolicy, FloatFormat, as_format
 
 __all__ = [
+    "stream_seed",
     "random_bits",
     "round_to_format",
     "quantize",
@@ -135,6 +147,7 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _COUNTER_MULT = 0xD1B54A32D192ED03
+_STEP_MULT = 0xC2B2AE3D27D4EB4F
 _RBITS = 24  # width of the stochastic-rounding draw
 
 # The value of an out-of-image (or, for the input gradient, non-existent) conv tap: an
@@ -154,12 +167,30 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def random_bits(seed: int, element: int, counter: int) -> int:
-    """The 24-bit draw ``r(seed, element, counter)`` used by stochastic rounding.
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+    if not 0 <= step < 2 ** 63:
+        raise ValueError(f"step must be in 0..2**63-1, got {step}")
+    return int(step)
+
+
+def stream_seed(seed: int, step: int = 0) -> int:
+    """The seed of step ``step``'s stream: ``seed ^ mix64(step · 0xC2B2AE3D27D4EB4F)``.
+
+    ``seed`` is taken modulo 2^64 (so a negative int64 seed is its two's-complement
+    uint64); ``step`` is an int >= 0. Step 0 gives ``seed`` itself (``mix64(0) = 0``).
+    """
+    step = _check_step(step)
+    return (seed % 2 ** 64) ^ _mix64(step * _STEP_MULT)
+
+
+def random_bits(seed: int, element: int, counter: int, step: int = 0) -> int:
+    """The 24-bit draw ``r(seed, element, counter)`` of step ``step``.
 
     ``seed`` is taken modulo 2^64 (so a negative int64 seed is its two's-complement uint64).
     """
-    key = _mix64((seed % 2 ** 64) + (element + 1) * _GOLDEN)
+    key = _mix64(stream_seed(seed, step) + (element + 1) * _GOLDEN)
     return _mix64(key ^ (((counter + 1) * _COUNTER_MULT) & _MASK64)) >> (64 - _RBITS)
 
 
@@ -313,12 +344,12 @@ def round_to_format(x, fmt, rounding: str = "nearest_even", rbits=None) -> float
 # -------------------------------------------------------------------------------------
 # The dot product (numerics §3)
 # -------------------------------------------------------------------------------------
-def _accumulate(products, config: AccumConfig, element: int) -> np.float32:
+def _accumulate(products, config: AccumConfig, element: int, step: int = 0) -> np.float32:
     """Sum the exact products ``p_0 .. p_{n-1}`` of output ``element`` as ``config`` says."""
     stochastic = config.rounding == "stochastic"
 
     def q(v, fmt, counter):
-        rbits = random_bits(config.seed, element, counter) if stochastic else None
+        rbits = random_bits(config.seed, element, counter, step) if stochastic else None
         return _round_exact(v, fmt, config.rounding, rbits)
 
     if config.product is not None:
@@ -357,34 +388,37 @@ def _as_config(config) -> AccumConfig:
     return AccumConfig.from_dict(config)  # an AccumConfig is returned as is
 
 
-def dot(a, b, config: AccumConfig, element: int = 0) -> np.float32:
+def dot(a, b, config: AccumConfig, element: int = 0, step: int = 0) -> np.float32:
     """The emulated dot product of two float32 vectors (numerics §3).
 
-    ``element`` is the output position the stochastic draws are keyed by.
+    ``element`` is the output position and ``step`` the training step the stochastic draws
+    are keyed by.
     """
     a, b = _as_f32(a).reshape(-1), _as_f32(b).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"dot: lengths differ ({a.size} and {b.size})")
     products = [_mul(_exact(x), _exact(y)) for x, y in zip(a.tolist(), b.tolist())]
-    return _accumulate(products, _as_config(config), element)
+    return _accumulate(products, _as_config(config), element, _check_step(step))
 
 
 # -------------------------------------------------------------------------------------
 # quantize
 # -------------------------------------------------------------------------------------
-def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0) -> np.ndarray:
+def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0,
+             step: int = 0) -> np.ndarray:
     """Round every element of the float32 array ``x`` to ``fmt``.
 
-    The stochastic draw of element ``i`` (flat row-major index) is ``random_bits(seed, i, 0)``.
-    Non-float32 input is first converted to float32.
+    The stochastic draw of element ``i`` (flat row-major index) is
+    ``random_bits(seed, i, 0, step)``. Non-float32 input is first converted to float32.
     """
     fmt = as_format(fmt)
     _check_rounding(rounding)
+    step = _check_step(step)
     x = _as_f32(x)
     flat = x.reshape(-1).tolist()
     out = np.empty(len(flat), dtype=np.float32)
     for i, v in enumerate(flat):
-        rbits = random_bits(seed, i, 0) if rounding == "stochastic" else None
+        rbits = random_bits(seed, i, 0, step) if rounding == "stochastic" else None
         out[i] = round_to_format(v, fmt, rounding, rbits)
     return out.reshape(x.shape)
 
@@ -413,7 +447,7 @@ def _as_policy(policy) -> AccumPolicy:
 # -------------------------------------------------------------------------------------
 # MatMul and its gradients (numerics §5)
 # -------------------------------------------------------------------------------------
-def _matmul_logical(a_ex, b_ex, config: AccumConfig, element_of) -> np.ndarray:
+def _matmul_logical(a_ex, b_ex, config: AccumConfig, element_of, step: int = 0) -> np.ndarray:
     """``y[i,j] = sum_k a[i,k] b[k,j]`` on exact logical-orientation operands.
 
     ``element_of(i, j)`` gives the stochastic element of ``y[i,j]``; the result is in the
@@ -426,28 +460,31 @@ def _matmul_logical(a_ex, b_ex, config: AccumConfig, element_of) -> np.ndarray:
     for i in range(m):
         for j in range(n):
             products = [_mul(a_ex[i, k], b_ex[k, j]) for k in range(k_dim)]
-            y[i, j] = _accumulate(products, config, element_of(i, j))
+            y[i, j] = _accumulate(products, config, element_of(i, j), step)
     return y
 
 
-def matmul(a, b, config, transpose_a: bool = False, transpose_b: bool = False) -> np.ndarray:
+def matmul(a, b, config, transpose_a: bool = False, transpose_b: bool = False,
+           step: int = 0) -> np.ndarray:
     """``y = op(a) · op(b)`` with every ``y[i,j]`` an emulated dot product over ``k``.
 
     ``op(a)`` is ``aᵀ`` if ``transpose_a`` (a stored [K, M]), else ``a`` ([M, K]); same for b.
-    The stochastic element of ``y[i,j]`` is ``i·N + j``. ``config`` may be an AccumPolicy:
-    then its ``fwd`` config is used and operands are quantized to ``policy.operands``.
+    The stochastic element of ``y[i,j]`` is ``i·N + j``, drawn in ``step``'s stream.
+    ``config`` may be an AccumPolicy: then its ``fwd`` config is used and operands are
+    quantized to ``policy.operands``.
     """
+    step = _check_step(step)
     config, operands = _split_policy(config, "fwd")
     a = _exact_array(_quantize_operand(_as_f32(a), operands))
     b = _exact_array(_quantize_operand(_as_f32(b), operands))
     a_logical = a.T if transpose_a else a
     b_logical = b.T if transpose_b else b
     n = b_logical.shape[1]
-    return _matmul_logical(a_logical, b_logical, config, lambda i, j: i * n + j)
+    return _matmul_logical(a_logical, b_logical, config, lambda i, j: i * n + j, step)
 
 
 def matmul_grads(a, b, dy, policy, transpose_a: bool = False,
-                 transpose_b: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                 transpose_b: bool = False, step: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Gradients ``(da, db)`` of ``y = op(a) · op(b)`` for upstream gradient ``dy`` [M, N].
 
     Logically ``da = dy · op(b)ᵀ`` (``da[i,k]`` summed over ``j = 0..N-1``, config
@@ -455,9 +492,11 @@ def matmul_grads(a, b, dy, policy, transpose_a: bool = False,
     ``policy.grad``). Each is returned in its operand's *stored* shape, and its stochastic
     element is the flat row-major index in that stored tensor. With ``policy.operands``,
     each GEMM's inputs (bwd: dy, b; grad: a, dy) are first rounded to it.
-    An AccumConfig is accepted as a policy with that config for all three GEMMs.
+    An AccumConfig is accepted as a policy with that config for all three GEMMs. Both
+    draw in ``step``'s stream.
     """
     policy = _as_policy(policy)
+    step = _check_step(step)
     a32, b32, dy32 = _as_f32(a), _as_f32(b), _as_f32(dy)
     a_ex = _exact_array(_quantize_operand(a32, policy.operands))
     b_ex = _exact_array(_quantize_operand(b32, policy.operands))
@@ -471,10 +510,10 @@ def matmul_grads(a, b, dy, policy, transpose_a: bool = False,
 
     # da[i,k] = sum_j dy[i,j] · b[k,j]; stored da[i,k] (or da[k,i] if transpose_a).
     da_element = (lambda i, k: k * m + i) if transpose_a else (lambda i, k: i * k_dim + k)
-    da = _matmul_logical(dy_ex, b_logical.T, policy.bwd, da_element)
+    da = _matmul_logical(dy_ex, b_logical.T, policy.bwd, da_element, step)
     # db[k,j] = sum_i a[i,k] · dy[i,j]; stored db[k,j] (or db[j,k] if transpose_b).
     db_element = (lambda k, j: j * k_dim + k) if transpose_b else (lambda k, j: k * n + j)
-    db = _matmul_logical(a_logical.T, dy_ex, policy.grad, db_element)
+    db = _matmul_logical(a_logical.T, dy_ex, policy.grad, db_element, step)
     return (da.T if transpose_a else da), (db.T if transpose_b else db)
 
 
@@ -535,19 +574,33 @@ def conv2d_geometry(input_shape, filter_shape, strides=(1, 1), padding="SAME",
     return oh, ow, pad_top, pad_left
 
 
-def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1)) -> np.ndarray:
+def _groups(what: str, cin: int, cin_w: int, cout: int) -> int:
+    """The number of groups of a convolution whose input has ``cin`` channels and whose
+    filter is ``[.., .., cin_w, cout]`` (TensorFlow's rule: ``cin`` a multiple of ``cin_w``)."""
+    if cin_w <= 0 or cin % cin_w or cout % (cin // cin_w):
+        raise ValueError(f"{what}: input has {cin} channels, filter expects {cin_w} "
+                         f"(with {cout} output channels)")
+    return cin // cin_w
+
+
+def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1),
+           step: int = 0) -> np.ndarray:
     """NHWC convolution ``y[b,oy,ox,co] = sum_{ky,kx,ci} x[b, tap] · w[ky,kx,ci,co]``.
 
     The sum runs over ``(ky, kx, ci)`` row-major; the tap is
     ``(oy·sy + ky·dy - pad_top, ox·sx + kx·dx - pad_left)``, an exact +0 tap if outside
-    the image. Stochastic element: the flat index of ``y``. ``config`` may be an
-    AccumPolicy (its ``fwd`` config, operands quantized to ``policy.operands``).
+    the image. A filter ``[KH,KW,C,Cout]`` on an input of ``G·C`` channels is a grouped
+    convolution: ``y[..., co]`` reads input channels ``g·C + ci`` of its group
+    ``g = co // (Cout/G)``. Stochastic element: the flat index of ``y``, drawn in
+    ``step``'s stream. ``config`` may be an AccumPolicy (its ``fwd`` config, operands
+    quantized to ``policy.operands``).
     """
     config, operands = _split_policy(config, "fwd")
+    step = _check_step(step)
     x32, w32 = _as_f32(x), _as_f32(w)
     (batch, h, wid, cin), (kh, kw, cin_w, cout) = x32.shape, w32.shape
-    if cin != cin_w:
-        raise ValueError(f"conv2d: input has {cin} channels, filter expects {cin_w}")
+    groups = _groups("conv2d", cin, cin_w, cout)
+    cout_g = cout // groups
     (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
     oh, ow, pad_top, pad_left = conv2d_geometry(x32.shape, w32.shape, strides, padding, dilations)
     xe = _exact_array(_quantize_operand(x32, operands))
@@ -559,37 +612,42 @@ def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1)) -> np
         for oy in range(oh):
             for ox in range(ow):
                 for co in range(cout):
+                    c0 = (co // cout_g) * cin_w  # the group's first input channel
                     products = []
                     for ky in range(kh):
                         for kx in range(kw):
                             iy = oy * sy + ky * dly - pad_top
                             ix = ox * sx + kx * dlx - pad_left
                             inside = 0 <= iy < h and 0 <= ix < wid
-                            for ci in range(cin):
-                                tap = xe[b, iy, ix, ci] if inside else _PADDING_TAP
+                            for ci in range(cin_w):
+                                tap = xe[b, iy, ix, c0 + ci] if inside else _PADDING_TAP
                                 products.append(_mul(tap, we[ky, kx, ci, co]))
-                    y[b, oy, ox, co] = _accumulate(products, config, element)
+                    y[b, oy, ox, co] = _accumulate(products, config, element, step)
                     element += 1
     return y
 
 
 def conv2d_backprop_input(input_shape, w, dy, config, strides=(1, 1), padding="SAME",
-                          dilations=(1, 1)) -> np.ndarray:
+                          dilations=(1, 1), step: int = 0) -> np.ndarray:
     """Input gradient ``dx[b,iy,ix,ci] = sum_{ky,kx,co} w[ky,kx,ci,co] · dy[b,oy,ox,co]``.
 
     The sum runs over ``(ky, kx, co)`` row-major with ``oy = (iy + pad_top - ky·dy) / sy``
     (likewise ``ox``); a tap whose ``oy``/``ox`` is not an integer in ``[0, OH)``/``[0, OW)``
-    is an exact +0 tap. ``input_shape`` is the forward input's NHWC shape. Stochastic
-    element: the flat index of ``dx``. ``config`` may be an AccumPolicy: then its ``bwd``
-    config is used and w, dy are first quantized to ``policy.operands``.
+    is an exact +0 tap. ``input_shape`` is the forward input's NHWC shape. Grouped
+    (``input_shape`` has ``G·C`` channels, w is ``[KH,KW,C,Cout]``): ``dx[..., g·C + ci]``
+    sums over its group's ``Cout/G`` output channels ``co = g·Cout/G + d`` with
+    ``w[ky,kx,ci,co]``. Stochastic element: the flat index of ``dx``, drawn in ``step``'s
+    stream. ``config`` may be an AccumPolicy: then its ``bwd`` config is used and w, dy are
+    first quantized to ``policy.operands``.
     """
     config, operands = _split_policy(config, "bwd")
+    step = _check_step(step)
     w32 = _quantize_operand(_as_f32(w), operands)
     dy32 = _quantize_operand(_as_f32(dy), operands)
     batch, h, wid, cin = (int(v) for v in input_shape)
     kh, kw, cin_w, cout = w32.shape
-    if cin != cin_w:
-        raise ValueError(f"conv2d_backprop_input: input has {cin} channels, filter {cin_w}")
+    groups = _groups("conv2d_backprop_input", cin, cin_w, cout)
+    cout_g = cout // groups
     (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
     oh, ow, pad_top, pad_left = conv2d_geometry((batch, h, wid, cin), w32.shape, strides,
                                                 padding, dilations)
@@ -612,52 +670,57 @@ def conv2d_backprop_input(input_shape, w, dy, config, strides=(1, 1), padding="S
         for iy in range(h):
             for ix in range(wid):
                 for ci in range(cin):
+                    group, ci_w = divmod(ci, cin_w)
                     products = []
                     for ky in range(kh):
                         for kx in range(kw):
                             oy = source(iy, pad_top, ky, dly, sy, oh)
                             ox = source(ix, pad_left, kx, dlx, sx, ow)
-                            for co in range(cout):
+                            for co in range(group * cout_g, (group + 1) * cout_g):
                                 if oy is None or ox is None:
                                     tap = _PADDING_TAP
                                 else:
                                     tap = dye[b, oy, ox, co]
-                                products.append(_mul(tap, we[ky, kx, ci, co]))
-                    dx[b, iy, ix, ci] = _accumulate(products, config, element)
+                                products.append(_mul(tap, we[ky, kx, ci_w, co]))
+                    dx[b, iy, ix, ci] = _accumulate(products, config, element, step)
                     element += 1
     return dx
 
 
 def conv2d_backprop_filter(x, filter_shape, dy, config, strides=(1, 1), padding="SAME",
-                           dilations=(1, 1)) -> np.ndarray:
+                           dilations=(1, 1), step: int = 0) -> np.ndarray:
     """Filter gradient ``dw[ky,kx,ci,co] = sum_{b,oy,ox} x[b, tap] · dy[b,oy,ox,co]``.
 
     The sum runs over ``(b, oy, ox)`` row-major; the tap is the forward one (an exact +0
-    product outside the image). Stochastic element: the flat index of ``dw``. ``config`` may
-    be an AccumPolicy: then its ``grad`` config is used and x, dy are first quantized to
-    ``policy.operands``.
+    product outside the image). Grouped (x has ``G·C`` channels, ``filter_shape`` is
+    ``[KH,KW,C,Cout]``): ``dw[ky,kx,ci,co]`` reads input channel ``g·C + ci`` of the group
+    ``g = co // (Cout/G)``. Stochastic element: the flat index of ``dw``, drawn in
+    ``step``'s stream. ``config`` may be an AccumPolicy: then its ``grad`` config is used
+    and x, dy are first quantized to ``policy.operands``.
     """
     config, operands = _split_policy(config, "grad")
+    step = _check_step(step)
     x32 = _quantize_operand(_as_f32(x), operands)
     dy32 = _quantize_operand(_as_f32(dy), operands)
     batch, h, wid, cin = x32.shape
     kh, kw, cin_w, cout = (int(v) for v in filter_shape)
-    if cin != cin_w:
-        raise ValueError(f"conv2d_backprop_filter: input has {cin} channels, filter {cin_w}")
+    groups = _groups("conv2d_backprop_filter", cin, cin_w, cout)
+    cout_g = cout // groups
     (sy, sx), (dly, dlx) = _pair(strides, "strides"), _pair(dilations, "dilations")
-    oh, ow, pad_top, pad_left = conv2d_geometry(x32.shape, (kh, kw, cin, cout), strides,
+    oh, ow, pad_top, pad_left = conv2d_geometry(x32.shape, (kh, kw, cin_w, cout), strides,
                                                 padding, dilations)
     if dy32.shape != (batch, oh, ow, cout):
         raise ValueError(f"conv2d_backprop_filter: dy has shape {dy32.shape}, "
                          f"expected {(batch, oh, ow, cout)}")
     xe, dye = _exact_array(x32), _exact_array(dy32)
 
-    dw = np.empty((kh, kw, cin, cout), dtype=np.float32)
+    dw = np.empty((kh, kw, cin_w, cout), dtype=np.float32)
     element = 0
     for ky in range(kh):
         for kx in range(kw):
-            for ci in range(cin):
+            for ci in range(cin_w):
                 for co in range(cout):
+                    c = (co // cout_g) * cin_w + ci  # the input channel, in co's group
                     products = []
                     for b in range(batch):
                         for oy in range(oh):
@@ -665,22 +728,23 @@ def conv2d_backprop_filter(x, filter_shape, dy, config, strides=(1, 1), padding=
                                 iy = oy * sy + ky * dly - pad_top
                                 ix = ox * sx + kx * dlx - pad_left
                                 inside = 0 <= iy < h and 0 <= ix < wid
-                                tap = xe[b, iy, ix, ci] if inside else _PADDING_TAP
+                                tap = xe[b, iy, ix, c] if inside else _PADDING_TAP
                                 products.append(_mul(tap, dye[b, oy, ox, co]))
-                    dw[ky, kx, ci, co] = _accumulate(products, config, element)
+                    dw[ky, kx, ci, co] = _accumulate(products, config, element, step)
                     element += 1
     return dw
 
 
 def conv2d_grads(x, w, dy, policy, strides=(1, 1), padding="SAME",
-                 dilations=(1, 1)) -> Tuple[np.ndarray, np.ndarray]:
+                 dilations=(1, 1), step: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """``(dx, dw)`` of ``conv2d(x, w)``: dx with ``policy.bwd``, dw with ``policy.grad``.
 
     With ``policy.operands``, each GEMM's inputs (bwd: dy, w; grad: x, dy) are first
-    rounded to it (nearest-even). An AccumConfig is accepted for all three GEMMs.
+    rounded to it (nearest-even). An AccumConfig is accepted for all three GEMMs. Grouped
+    convolutions as in :func:`conv2d`; both draw in ``step``'s stream.
     """
     policy = _as_policy(policy)
     x32, w32 = _as_f32(x), _as_f32(w)
-    dx = conv2d_backprop_input(x32.shape, w32, dy, policy, strides, padding, dilations)
-    dw = conv2d_backprop_filter(x32, w32.shape, dy, policy, strides, padding, dilations)
+    dx = conv2d_backprop_input(x32.shape, w32, dy, policy, strides, padding, dilations, step)
+    dw = conv2d_backprop_filter(x32, w32.shape, dy, policy, strides, padding, dilations, step)
     return dx, dw

@@ -207,6 +207,7 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   });
 
   const bool stochastic = params.rounding == kStochastic;
+  const ElementIndex index = element_index(params, N);  // the generator's element of (i, j)
   const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
   // Roughly 30 vector instructions per product per 8 lanes.
   const int64_t cost_per_row_tile = std::max<int64_t>(1, K) * ldb * kTileRows * 4;
@@ -226,7 +227,9 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
           for (int r = 0; r < kTileRows; ++r)
             for (int w = 0; w < kTileCols; ++w)
               keys[r][w / kLanes][w % kLanes] = element_key(
-                  params.seed, element_offset + static_cast<uint64_t>((row0 + r) * N + col0 + w));
+                  params.seed, element_offset + index.offset +
+                                   static_cast<uint64_t>(row0 + r) * index.row_stride +
+                                   static_cast<uint64_t>(col0 + w));
         }
         TileJob job{&params, K, panel.data(), b_packed.data() + col0, ldb, &keys, &out};
         RunTile(job);

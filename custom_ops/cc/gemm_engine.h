@@ -27,7 +27,8 @@ using ParallelFor =
 
 // c[i * N + j] = dot(A row i, B column j) for i < M, j < N, where B(k, j) is
 // b[k * b_stride_k + j * b_stride_n]. The stochastic generator's
-// element index of c[i * N + j] is element_offset + i * N + j.
+// element index of c[i * N + j] is element_offset + i * N + j, or with params.groups > 1
+// element_offset + i * N * groups + group * N + j (see AccumParams::group).
 void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
                     int64_t b_stride_n, float* c, uint64_t element_offset,

@@ -67,8 +67,14 @@ struct AccumParams {
   int32_t has_product;   // 0: exact products
   int32_t rounding;      // Rounding
   int64_t chunk_size;    // 0: sequential
-  uint64_t seed;
+  uint64_t seed;         // the stream seed: stream_seed(config seed, step)
   int32_t flushes_subnormals;  // some format used has subnormals off
+  // The output is column group `group` of `groups` equal groups of a wider output (one
+  // group of a grouped convolution): the stochastic element index of output (i, j) is
+  // i * (N * groups) + group * N + j, its flat index in the wider output (numerics.md
+  // section 4). groups <= 1 means the output is the whole tensor.
+  int64_t group;
+  int64_t groups;
 };
 
 // ---- Lane-generic primitives ---------------------------------------------------------
@@ -167,10 +173,28 @@ TFACCUM_HD U mix64(U z) {
   return z ^ (z >> 31);
 }
 
+// The seed of training step `step`'s stream: every draw of a step is keyed by it. mix64
+// is a bijection with mix64(0) = 0, so distinct steps give distinct streams and step 0 is
+// the configured seed itself (the stream of the ops before they had a step).
+TFACCUM_HD uint64_t stream_seed(uint64_t seed, uint64_t step) {
+  return seed ^ mix64<uint64_t>(step * 0xC2B2AE3D27D4EB4FULL);
+}
+
 // Per-element key: computed once per output element.
 template <class U>
 TFACCUM_HD U element_key(uint64_t seed, U element) {
   return mix64(seed + (element + 1) * 0x9E3779B97F4A7C15ULL);
+}
+
+// Output (i, j) of an M x N GEMM has the stochastic element index
+// i * row_stride + offset + j (see AccumParams::group).
+struct ElementIndex {
+  uint64_t row_stride, offset;
+};
+TFACCUM_HD ElementIndex element_index(const AccumParams& p, int64_t N) {
+  const uint64_t n = static_cast<uint64_t>(N);
+  if (p.groups <= 1) return ElementIndex{n, 0};
+  return ElementIndex{n * static_cast<uint64_t>(p.groups), n * static_cast<uint64_t>(p.group)};
 }
 
 // The 24-bit draw for rounding number `counter` of an element.

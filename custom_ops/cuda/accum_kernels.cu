@@ -206,9 +206,10 @@ int64_t tfaccum_cuda_geometry_bytes(void) { return sizeof(ConvGeometry); }
 
 const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_product,
                                      int32_t rounding, int64_t chunk_size, uint64_t seed,
+                                     int64_t step, int64_t group, int64_t groups,
                                      void* params_out) {
-  return tfaccum::cuda::make_params(formats, has_product, rounding, chunk_size, seed,
-                                    static_cast<AccumParams*>(params_out));
+  return tfaccum::cuda::make_params(formats, has_product, rounding, chunk_size, seed, step,
+                                    group, groups, static_cast<AccumParams*>(params_out));
 }
 
 const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding,

@@ -6,8 +6,9 @@
 // reference on machines without a GPU.
 //
 // Every op is a GEMM C[M, N] = A[M, K] . B[K, N] whose output element (i, j) is stored at
-// c[i * N + j], which is also its stochastic element index (the CPU engine's convention,
-// AccumulateGemm with element_offset 0):
+// c[i * N + j]; its stochastic element index is element_index(P, N) of rounding.h:
+// i * N + j, or, for one group of a grouped convolution, the flat index in the whole
+// output (the CPU engine's convention, AccumulateGemm with element_offset 0):
 //
 //   op                    rows i         columns j   k (summed in this order)   A      B
 //   matmul                i              j           k                          a      b
@@ -241,13 +242,16 @@ __device__ __forceinline__ void gemm_block(const GemmDesc& d, const AccumParams&
 
   uint64_t key[TM][TN];
   double part[TM][TN], total[TM][TN];
+  const ElementIndex index = element_index(P, N);
 #pragma unroll
   for (int r = 0; r < TM; ++r) {
 #pragma unroll
     for (int c = 0; c < TN; ++c) {
       const int64_t i = row0 + ty + TY * r, j = col0 + tx + TX * c;
-      key[r][c] = R == kStochastic ? element_key(P.seed, static_cast<uint64_t>(i * N + j))
-                                   : uint64_t{0};
+      key[r][c] = R == kStochastic
+                      ? element_key(P.seed, static_cast<uint64_t>(i) * index.row_stride +
+                                                index.offset + static_cast<uint64_t>(j))
+                      : uint64_t{0};
       part[r][c] = 0.0;
       total[r][c] = 0.0;
     }
@@ -360,12 +364,17 @@ inline int64_t prepare_tiles(GemmDesc* d, int64_t bm, int64_t bn) {
   return (d->M + bm - 1) / bm * d->col_tiles;
 }
 
-// The same construction as ReadAccumParams in cc/kernels/accum_attrs.h, without TF.
+// The same construction as ReadAccumParams and WithStep in cc/kernels/accum_attrs.h (and
+// the conv kernels' group attributes), without TF: `seed` is the configured seed, folded
+// with `step` into the stream seed as the TensorFlow kernels do.
 inline const char* make_params(const int32_t formats[12], int32_t has_product,
                                int32_t rounding, int64_t chunk_size, uint64_t seed,
+                               int64_t step, int64_t group, int64_t groups,
                                AccumParams* out) {
   if (rounding < kNearestEven || rounding > kStochastic) return "rounding must be 0, 1 or 2";
   if (chunk_size < 0) return "chunk_size must be >= 0";
+  if (step < 0) return "step must be >= 0";
+  if (groups < 1 || group < 0 || group >= groups) return "group must be in [0, groups)";
   const Format acc{formats[0], formats[1], formats[2], formats[3]};
   const Format prod = has_product ? Format{formats[4], formats[5], formats[6], formats[7]}
                                   : Format{8, 23, 1, 0};
@@ -380,7 +389,9 @@ inline const char* make_params(const int32_t formats[12], int32_t has_product,
   p.product = make_format_params(prod, rounding);
   p.chunk_accumulator = make_format_params(chunk, rounding);
   p.chunk_size = chunk_size;
-  p.seed = seed;
+  p.seed = stream_seed(seed, static_cast<uint64_t>(step));
+  p.group = group;
+  p.groups = groups;
   *out = p;
   return nullptr;
 }

@@ -12,8 +12,11 @@
 //
 // Every output element is the dot product of docs/numerics.md §3, summed strictly in
 // the order of §5, with the stochastic generator's element index equal to the flat
-// row-major index of the output: bit for bit what the CPU kernels (cc/gemm_engine.cc)
-// and tfaccum/reference.py compute.
+// row-major index of the output (of the whole output, for one group of a grouped
+// convolution: AccumParams::group): bit for bit what the CPU kernels (cc/gemm_engine.cc)
+// and tfaccum/reference.py compute. The stochastic seed in AccumParams (and the `seed` of
+// tfaccum_cuda_quantize) is the stream seed of a step, stream_seed(seed, step) of
+// rounding.h; tfaccum_cuda_make_params computes it.
 #ifndef TFACCUM_CUDA_ACCUM_LAUNCHERS_H_
 #define TFACCUM_CUDA_ACCUM_LAUNCHERS_H_
 
@@ -25,7 +28,7 @@
 struct CUstream_st;  // cudaStream_t is `struct CUstream_st*`
 
 // Bumped whenever a signature below changes (checked by the ctypes callers).
-#define TFACCUM_CUDA_ABI_VERSION 1
+#define TFACCUM_CUDA_ABI_VERSION 2
 
 extern "C" {
 
@@ -53,7 +56,7 @@ int tfaccum_cuda_conv2d_backprop_filter(const float* x, const float* dy, float* 
                                         const tfaccum::AccumParams* params,
                                         CUstream_st* stream);
 
-// y[i] = Q_F(x[i]) (tfaccum.quantize): element i, counter 0.
+// y[i] = Q_F(x[i]) (tfaccum.quantize): element i, counter 0; seed is the stream seed.
 int tfaccum_cuda_quantize(const float* x, float* y, int64_t n,
                           const tfaccum::FormatParams* format, int32_t rounding, uint64_t seed,
                           CUstream_st* stream);
@@ -76,8 +79,12 @@ int64_t tfaccum_cuda_geometry_bytes(void);  // sizeof(ConvGeometry)
 
 // formats: accumulator, product, chunk accumulator, each [exponent_bits, mantissa_bits,
 // subnormals, overflow_inf]; has_product 0 means exact products (product ignored).
+// seed: the configured seed, folded with step (>= 0) into the stream seed. group of
+// groups (0 of 1: the whole output): the output is that channel group of a grouped
+// convolution's output, for the stochastic element indices.
 const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_product,
                                      int32_t rounding, int64_t chunk_size, uint64_t seed,
+                                     int64_t step, int64_t group, int64_t groups,
                                      void* params_out);
 const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding,
                                      void* format_out);

@@ -77,13 +77,65 @@ def write_hparams_config(logdir: str):
     writer.close()
 
 
+def discard_events_after(logdir: str, step: int) -> int:
+    """Removes every summary written at a step above ``step`` from the event files directly
+    in ``logdir``; returns how many it removed.
+
+    A run killed in the middle of an epoch resumes from the checkpoint at ``step`` and
+    repeats the steps after it, writing their summaries again: without this, TensorBoard
+    would show those steps twice. Files are rewritten whole (write, then rename); a file
+    without summaries (left, or never written) is deleted; a record cut short by the kill
+    ends its file.
+    """
+    from tensorflow.core.util import event_pb2
+
+    removed = 0
+    for path in sorted(tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        kept, dropped, summaries = [], 0, 0
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(record.numpy())
+                if event.HasField("summary") and event.step > step:
+                    dropped += 1
+                    continue
+                summaries += event.HasField("summary")
+                kept.append(record.numpy())
+        except tf.errors.DataLossError:
+            dropped += 1  # the truncated last record of a killed writer
+        removed += dropped
+        if not summaries:  # nothing left but the file header: drop the file
+            tf.io.gfile.remove(path)
+            continue
+        if not dropped:
+            continue
+        tmp = path + ".tmp"
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for record in kept:
+                writer.write(record)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    return removed
+
+
 class RunWriter:
     """The event files of one run: ``train/``, ``validation/`` and HParams at the root."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.train = tf.summary.create_file_writer(os.path.join(run_dir, "train"))
-        self.validation = tf.summary.create_file_writer(os.path.join(run_dir, "validation"))
+        self._open()
+
+    def _open(self):
+        self.train = tf.summary.create_file_writer(os.path.join(self.run_dir, "train"))
+        self.validation = tf.summary.create_file_writer(os.path.join(self.run_dir, "validation"))
+
+    def resume(self, step: int):
+        """Makes the event stream read as one run that continues after ``step`` (the
+        restored checkpoint's; -1 for a run starting over): the summaries an interrupted
+        invocation wrote after it, which the resumed one writes again, are removed."""
+        self.close()
+        for logdir in (self.run_dir, os.path.join(self.run_dir, "train"),
+                       os.path.join(self.run_dir, "validation")):
+            discard_events_after(logdir, step)
+        self._open()
 
     def hparams(self, values: Mapping[str, object], trial_id: str):
         writer = tf.summary.create_file_writer(self.run_dir)
@@ -176,6 +228,9 @@ class AccumHealth(keras.callbacks.Callback):
                 inputs, [model.outputs[0]] + [layer.input for layer in self.layers]
                 + [layer.output for layer in self.layers])
             self.probes = [GemmProbe(layer, layer.policy) for layer in self.layers]
+            for probe, layer in zip(self.probes, self.layers):
+                # stochastic draws of the current training step
+                probe.emulated.step_counter = layer.step_counter
 
     def _single_use(self, layer) -> bool:
         """Layers called once in the outer graph (a shared layer has no single input)."""

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from tfaccum.layers import set_step_counter
 from tfaccum.training import callbacks as cb
 from tfaccum.training import data as data_lib
 from tfaccum.training import policies as pol
@@ -74,6 +75,9 @@ def make_strategy(name: str):
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     if name == "multi_worker":
+        from tfaccum.training.multi_worker import patch_keras
+
+        patch_keras()  # Keras 3's fit fails across workers without it
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
@@ -325,6 +329,9 @@ class Experiment:
             model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"],
                           jit_compile=False)
             optimizer.build(model.trainable_variables)
+            # Stochastic rounding draws from the stream of the optimizer's step, which the
+            # checkpoint saves: fresh bits every step, continued on resume.
+            set_step_counter(model, optimizer.iterations)
             epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch)
         kept = pol.kept_names(s, base) if spec.emulated else []
@@ -364,6 +371,8 @@ class Experiment:
                      f"{manager.latest_checkpoint}")
         history_path = os.path.join(run_dir, "history.jsonl")
         history = read_history(history_path, start)
+        if writer is not None:  # drop what an interrupted invocation logged past the checkpoint
+            writer.resume(int(optimizer.iterations.numpy()) if manager.latest_checkpoint else -1)
 
         if writer is not None and start == 0:
             writer.hparams({"policy": spec.policy, "offset": spec.offset,

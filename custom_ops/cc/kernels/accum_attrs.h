@@ -74,6 +74,35 @@ inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
   return absl::OkStatus();
 }
 
+// The step input, the last input of every tfaccum op: a non-negative int64 scalar (on the
+// host for the GPU kernels) that selects the stochastic-rounding stream of a training step.
+// Read, and validated, whatever the rounding mode, so that a bad step fails the same way
+// under every configuration.
+inline absl::Status ReadStep(tensorflow::OpKernelContext* ctx, uint64_t* step) {
+  const tensorflow::Tensor& t = ctx->input(ctx->num_inputs() - 1);
+  if (t.dtype() != tensorflow::DT_INT64)
+    return absl::InvalidArgumentError("step must be an int64 scalar, got dtype " +
+                                      tensorflow::DataTypeString(t.dtype()));
+  if (t.dims() != 0)
+    return absl::InvalidArgumentError("step must be a scalar (the training step), got shape " +
+                                      t.shape().DebugString());
+  const int64_t value = t.scalar<int64_t>()();
+  if (value < 0)
+    return absl::InvalidArgumentError("step must be >= 0, got " + std::to_string(value));
+  *step = static_cast<uint64_t>(value);
+  return absl::OkStatus();
+}
+
+// `params` with its seed replaced by the stream seed of this call's step.
+inline absl::Status WithStep(tensorflow::OpKernelContext* ctx, AccumParams params,
+                             AccumParams* out) {
+  uint64_t step = 0;
+  TF_RETURN_IF_ERROR(ReadStep(ctx, &step));
+  params.seed = stream_seed(params.seed, step);
+  *out = params;
+  return absl::OkStatus();
+}
+
 // Adapts TensorFlow's CPU thread pool to the engine's ParallelFor.
 inline ParallelFor CpuParallelFor(tensorflow::OpKernelContext* ctx) {
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;

@@ -103,16 +103,24 @@ absl::Status LaunchConv2DBackpropFilter<GpuDevice>(OpKernelContext* ctx,
   });
 }
 
-// input_sizes and filter_sizes are read on the host (ShapeFromSizesTensor).
-REGISTER_KERNEL_BUILDER(Name("TfaccumQuantize").Device(DEVICE_GPU), QuantizeOp<GpuDevice>);
-REGISTER_KERNEL_BUILDER(Name("TfaccumMatMul").Device(DEVICE_GPU), MatMulOp<GpuDevice>);
-REGISTER_KERNEL_BUILDER(Name("TfaccumConv2D").Device(DEVICE_GPU), Conv2DOp<GpuDevice>);
-REGISTER_KERNEL_BUILDER(
-    Name("TfaccumConv2DBackpropInput").Device(DEVICE_GPU).HostMemory("input_sizes"),
-    Conv2DBackpropInputOp<GpuDevice>);
-REGISTER_KERNEL_BUILDER(
-    Name("TfaccumConv2DBackpropFilter").Device(DEVICE_GPU).HostMemory("filter_sizes"),
-    Conv2DBackpropFilterOp<GpuDevice>);
+// input_sizes, filter_sizes (ShapeFromSizesTensor) and step (ReadStep: folded into the
+// seed on the host, so the CUDA kernels see only the stream seed) are read on the host.
+REGISTER_KERNEL_BUILDER(Name("TfaccumQuantize").Device(DEVICE_GPU).HostMemory("step"),
+                        QuantizeOp<GpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfaccumMatMul").Device(DEVICE_GPU).HostMemory("step"),
+                        MatMulOp<GpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfaccumConv2D").Device(DEVICE_GPU).HostMemory("step"),
+                        Conv2DOp<GpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfaccumConv2DBackpropInput")
+                            .Device(DEVICE_GPU)
+                            .HostMemory("input_sizes")
+                            .HostMemory("step"),
+                        Conv2DBackpropInputOp<GpuDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfaccumConv2DBackpropFilter")
+                            .Device(DEVICE_GPU)
+                            .HostMemory("filter_sizes")
+                            .HostMemory("step"),
+                        Conv2DBackpropFilterOp<GpuDevice>);
 
 }  // namespace tfaccum
 

@@ -127,10 +127,13 @@ class QuantizeOp : public tensorflow::OpKernel {
 
   void Compute(tensorflow::OpKernelContext* ctx) override {
     const tensorflow::Tensor& x = ctx->input(0);
+    uint64_t step = 0;
+    OP_REQUIRES_OK(ctx, ReadStep(ctx, &step));
     tensorflow::Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     if (x.NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchQuantize<Device>(ctx, format_, rounding_, seed_, x, y));
+    OP_REQUIRES_OK(ctx, LaunchQuantize<Device>(ctx, format_, rounding_,
+                                               stream_seed(seed_, step), x, y));
   }
 
  private:
@@ -151,13 +154,15 @@ class MatMulOp : public tensorflow::OpKernel {
   void Compute(tensorflow::OpKernelContext* ctx) override {
     const tensorflow::Tensor& a = ctx->input(0);
     const tensorflow::Tensor& b = ctx->input(1);
+    AccumParams params;
+    OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     int64_t M = 0, N = 0, K = 0;
     OP_REQUIRES_OK(ctx, MatMulDimensions(a.shape(), b.shape(), transpose_a_, transpose_b_,
                                          &M, &N, &K));
     tensorflow::Tensor* c = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({M, N}), &c));
     if (M == 0 || N == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchMatMul<Device>(ctx, params_, M, N, K, transpose_a_,
+    OP_REQUIRES_OK(ctx, LaunchMatMul<Device>(ctx, params, M, N, K, transpose_a_,
                                              transpose_b_, a, b, c));
   }
 
@@ -196,6 +201,13 @@ class ConvOpBase : public tensorflow::OpKernel {
       explicit_paddings_.assign(4, 0);
     }
     OP_REQUIRES_OK(ctx, ReadAccumParams(ctx, &params_));
+    // One group of a grouped convolution: only the stochastic element indices change.
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("group", &params_.group));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &params_.groups));
+    OP_REQUIRES(ctx, params_.groups >= 1 && params_.group >= 0 && params_.group < params_.groups,
+                absl::InvalidArgumentError(
+                    "group must be in [0, groups) and groups >= 1, got group " +
+                    std::to_string(params_.group) + " of " + std::to_string(params_.groups)));
   }
 
  protected:
@@ -247,6 +259,8 @@ class Conv2DOp : public ConvOpBase {
   void Compute(tensorflow::OpKernelContext* ctx) override {
     const tensorflow::Tensor& x = ctx->input(0);
     const tensorflow::Tensor& w = ctx->input(1);
+    AccumParams params;
+    OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(x.shape(), w.shape(), &g));
     tensorflow::Tensor* y = nullptr;
@@ -254,7 +268,7 @@ class Conv2DOp : public ConvOpBase {
                             0, tensorflow::TensorShape({g.batch, g.out_h, g.out_w, g.out_c}),
                             &y));
     if (y->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchConv2D<Device>(ctx, params_, g, x, w, y));
+    OP_REQUIRES_OK(ctx, LaunchConv2D<Device>(ctx, params, g, x, w, y));
   }
 };
 
@@ -269,13 +283,15 @@ class Conv2DBackpropInputOp : public ConvOpBase {
     OP_REQUIRES_OK(ctx, ShapeFromSizesTensor("input_sizes", ctx->input(0), &input_shape));
     const tensorflow::Tensor& w = ctx->input(1);
     const tensorflow::Tensor& dy = ctx->input(2);
+    AccumParams params;
+    OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(input_shape, w.shape(), &g));
     OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy));
     tensorflow::Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input_shape, &dx));
     if (dx->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchConv2DBackpropInput<Device>(ctx, params_, g, w, dy, dx));
+    OP_REQUIRES_OK(ctx, LaunchConv2DBackpropInput<Device>(ctx, params, g, w, dy, dx));
   }
 };
 
@@ -290,13 +306,15 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
     tensorflow::TensorShape filter_shape;
     OP_REQUIRES_OK(ctx, ShapeFromSizesTensor("filter_sizes", ctx->input(1), &filter_shape));
     const tensorflow::Tensor& dy = ctx->input(2);
+    AccumParams params;
+    OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(x.shape(), filter_shape, &g));
     OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy));
     tensorflow::Tensor* dw = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, filter_shape, &dw));
     if (dw->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchConv2DBackpropFilter<Device>(ctx, params_, g, x, dy, dw));
+    OP_REQUIRES_OK(ctx, LaunchConv2DBackpropFilter<Device>(ctx, params, g, x, dy, dw));
   }
 };
 

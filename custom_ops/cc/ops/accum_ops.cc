@@ -15,6 +15,10 @@ using ::tensorflow::shape_inference::ShapeHandle;
 // a format is [exponent_bits, mantissa_bits, subnormals, overflow_inf]; an empty
 // `product` means exact products. `policy` is the JSON of the layer's AccumPolicy, read
 // only by the Python gradient functions (it carries the bwd/grad configurations).
+//
+// Every op's LAST input is `step`, an int64 scalar >= 0: the training step whose
+// stochastic-rounding stream the op draws from (the seed of the draws is
+// stream_seed(seed, step), docs/numerics.md section 4). Other rounding modes ignore it.
 #define TFACCUM_ACCUM_ATTRS                                                  \
   Attr("accumulator: list(int) = [8, 23, 1, 0]")                             \
       .Attr("product: list(int) = []")                                       \
@@ -26,6 +30,7 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 REGISTER_OP("TfaccumQuantize")
     .Input("x: float")
+    .Input("step: int64")
     .Output("y: float")
     .Attr("format: list(int)")
     .Attr("rounding: {'nearest_even', 'toward_zero', 'stochastic'} = 'nearest_even'")
@@ -36,6 +41,7 @@ REGISTER_OP("TfaccumQuantize")
 REGISTER_OP("TfaccumMatMul")
     .Input("a: float")
     .Input("b: float")
+    .Input("step: int64")
     .Output("y: float")
     .Attr("transpose_a: bool = false")
     .Attr("transpose_b: bool = false")
@@ -58,12 +64,17 @@ REGISTER_OP("TfaccumMatMul")
     })
     .Doc("Matrix product whose dot products accumulate as docs/numerics.md defines.");
 
-// The convolution attributes; strides and dilations are (height, width).
+// The convolution attributes; strides and dilations are (height, width). `group` of
+// `groups`: the op computes that channel group of a grouped convolution (its output is
+// channels [group * C, (group + 1) * C) of the whole output), which changes only the
+// stochastic element indices: those of the whole output.
 #define TFACCUM_CONV_ATTRS                                   \
   Attr("strides: list(int) = [1, 1]")                        \
       .Attr("dilations: list(int) = [1, 1]")                 \
       .Attr("padding: {'SAME', 'VALID', 'EXPLICIT'} = 'SAME'") \
-      .Attr("explicit_paddings: list(int) = []")
+      .Attr("explicit_paddings: list(int) = []")             \
+      .Attr("group: int = 0")                                \
+      .Attr("groups: int = 1")
 
 namespace {
 
@@ -136,6 +147,7 @@ absl::Status ShapeFromSizes(InferenceContext* c, int sizes_input) {
 REGISTER_OP("TfaccumConv2D")
     .Input("input: float")
     .Input("filter: float")
+    .Input("step: int64")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
@@ -146,6 +158,7 @@ REGISTER_OP("TfaccumConv2DBackpropInput")
     .Input("input_sizes: int32")
     .Input("filter: float")
     .Input("out_backprop: float")
+    .Input("step: int64")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
@@ -156,6 +169,7 @@ REGISTER_OP("TfaccumConv2DBackpropFilter")
     .Input("input: float")
     .Input("filter_sizes: int32")
     .Input("out_backprop: float")
+    .Input("step: int64")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 # stochastic rounding in every emulated GEMM.
 ARGS = ["--policy=e6m10", "--rounding=stochastic", "--epochs=2", "--max_train_examples=256",
         "--max_test_examples=128", "--batch_size=32", "--health_every_steps=4",
-        "--health_batch_size=32"]
-RUN = "e6m10"
+        "--health_batch_size=32", "--seeds=1"]
+RUN = "e6m10/seed0"
 
 
 def train_main(*args) -> int:
@@ -203,7 +203,7 @@ def test_multi_worker_strategy_on_two_local_workers(tmp_path):
     args = ["--strategy=multi_worker", "--policy=e6m10", "--rounding=stochastic",
             "--epochs=1", "--max_train_examples=256", "--max_test_examples=64",
             "--batch_size=32", "--health_every_steps=4", "--health_batch_size=16",
-            f"--model_dir={tmp_path}"]
+            "--seeds=1", f"--model_dir={tmp_path}"]
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})

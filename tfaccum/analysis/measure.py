@@ -159,6 +159,11 @@ class GemmProbe:
         dx, dw = tape.gradient(y, [x, twin.kernel], output_gradients=dz)
         return {"fwd": y.numpy(), "bwd": dx.numpy(), "grad": dw.numpy()}
 
+    def sync(self):
+        """Copy the layer's current kernel into both twins (before any use of them)."""
+        for twin in (self.emulated, self.exact):
+            twin.kernel.assign(self.layer.kernel)
+
     def compare(self, x, dz) -> Dict[str, GemmErrors]:
         """``{gemm: GemmErrors}`` of one batch: ``x`` the layer's input, ``dz`` the error at
         its pre-activation output."""
@@ -166,8 +171,7 @@ class GemmProbe:
 
         x = tf.convert_to_tensor(x, tf.float32)
         dz = tf.convert_to_tensor(dz, tf.float32)
-        for twin in (self.emulated, self.exact):
-            twin.kernel.assign(self.layer.kernel)
+        self.sync()
         emulated = self._gemms(self.emulated, x, dz)
         exact = self._gemms(self.exact, x, dz)
         return {g: GemmErrors.of(emulated[g], exact[g]) for g in GEMMS}

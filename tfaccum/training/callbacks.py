@@ -248,6 +248,7 @@ class AccumHealth(keras.callbacks.Callback):
     def _measure(self, probe: GemmProbe, x, dy) -> Dict[str, Dict[str, float]]:
         layer = probe.layer
         x = tf.convert_to_tensor(x)
+        probe.sync()  # the exact twin below must hold the layer's current kernel
         # The error at the pre-activation output, through the exact forward pass.
         with tf.GradientTape() as tape:
             z = probe.exact(x)

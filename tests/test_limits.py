@@ -1,0 +1,111 @@
+"""No input may crash the process (issue 14): extreme shapes, empty sums, memory.
+
+Every check runs in a child process (tests/isolated.py), so that a regression shows up as
+a failing test naming the input instead of a pytest killed by SIGABRT. Eager results are
+compared with tf.function results traced with the same static shapes: the shape
+functions must give the eager kernel's error, or its shape.
+"""
+
+import re
+
+import pytest
+
+from isolated import run_snippets
+
+BIG = 2 ** 62
+
+# name -> code setting `result`. Each is one input that used to abort, hang or give a
+# nonsense shape.
+SHAPE_SNIPPETS = {
+    # The four reproducers of the issue (TensorShape CHECK aborts).
+    "matmul_output_overflows": """result = eager_and_graph(
+        lambda a, b: tfaccum.accum_matmul(a, b, tfaccum.AccumConfig()),
+        tf.zeros([2**33, 0]), tf.zeros([0, 2**33]))""",
+    "conv_explicit_padding_2_31": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig(),
+                                          padding=[(2**31, 2**31), (2**31, 2**31)]),
+        tf.zeros([1, 1, 1, 1]), tf.zeros([1, 1, 1, 1]))""",
+    "backprop_filter_huge_filter_sizes": """result = eager_and_graph(
+        lambda x, dy: lib.tfaccum_conv2d_backprop_filter(x, tf.constant([2**31 - 1] * 4), dy),
+        tf.zeros([1, 5, 5, 2]), tf.zeros([1, 5, 5, 4]))""",
+    "backprop_input_explicit_2_31": """result = eager_and_graph(
+        lambda w, dy: lib.tfaccum_conv2d_backprop_input(
+            tf.constant([1, 1, 1, 1]), w, dy, padding="EXPLICIT", explicit_paddings=[2**31] * 4),
+        tf.zeros([1, 1, 1, 1]), tf.zeros([1, 1, 1, 1]))""",
+    # SAME with a spatial size near 2^63 and stride 2: `in + stride - 1` used to wrap.
+    "same_near_int64_max_stride_2": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig(), strides=2),
+        tf.zeros([0, 2**63 - 1, 1, 1]), tf.ones([1, 1, 1, 1]))""",
+    "backprop_input_huge_input_sizes": """result = eager_and_graph(
+        lambda w, dy: lib.tfaccum_conv2d_backprop_input(tf.constant([2**31 - 1] * 4), w, dy),
+        tf.zeros([1, 1, 1, 1]), tf.zeros([1, 1, 1, 1]))""",
+    # A dilated kernel size (k - 1) * d + 1 that overflows int64, VALID and SAME.
+    "valid_dilated_kernel_overflows": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig(), padding="VALID",
+                                          dilations=(1, 4)),
+        tf.zeros([1, 5, 5, 1]), tf.zeros([1, 2**62, 1, 0]))""",
+    "same_dilated_kernel_overflows": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig(), dilations=4),
+        tf.zeros([1, 5, 5, 1]), tf.zeros([2**62, 1, 1, 0]))""",
+    # EXPLICIT padding whose sum wraps past int64.
+    "explicit_padding_wraps": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig(),
+                                          padding=[(0, 0), (2**62, 2**62)]),
+        tf.zeros([1, 1, 1, 1]), tf.zeros([1, 1, 1, 1]))""",
+    # Raw ops used to ignore explicit_paddings unless padding was EXPLICIT.
+    "explicit_paddings_with_same": """result = eager_and_graph(
+        lambda x, w: lib.tfaccum_conv2d(x, w, padding="SAME", explicit_paddings=[1, 1, 1, 1]),
+        tf.zeros([1, 3, 3, 1]), tf.zeros([1, 1, 1, 1]))""",
+    "explicit_paddings_with_valid_backprop_filter": """result = eager_and_graph(
+        lambda x, dy: lib.tfaccum_conv2d_backprop_filter(
+            x, tf.constant([1, 1, 1, 1]), dy, padding="VALID", explicit_paddings=[0, 0, 0, 0]),
+        tf.zeros([1, 3, 3, 1]), tf.zeros([1, 3, 3, 1]))""",
+    # A filter of height 0 is rejected by both.
+    "zero_height_filter": """result = eager_and_graph(
+        lambda x, w: tfaccum.accum_conv2d(x, w, tfaccum.AccumConfig()),
+        tf.zeros([1, 5, 5, 1]), tf.zeros([0, 3, 1, 1]))""",
+}
+
+# name -> (error regex) or a tuple shape for a success.
+EXPECTED = {
+    "matmul_output_overflows": r"output shape \[8589934592,8589934592\] is too large.*overflows int64",
+    "conv_explicit_padding_2_31": r"output shape \[1,4294967297,4294967297,1\] is too large",
+    "backprop_filter_huge_filter_sizes": r"filter_sizes \[2147483647(,2147483647){3}\] is too large",
+    "backprop_input_explicit_2_31": r"output shape \[1,4294967297,4294967297,1\] is too large",
+    "same_near_int64_max_stride_2": (0, 2 ** 62, 1, 1),
+    "backprop_input_huge_input_sizes": r"input_sizes \[2147483647(,2147483647){3}\] is too large",
+    "valid_dilated_kernel_overflows":
+        r"dilated filter width \(KW - 1\) \* dilation_w \+ 1 overflows int64: the kernel is "
+        r"larger than the input",
+    "same_dilated_kernel_overflows": r"dilated filter height .* overflows int64",
+    "explicit_padding_wraps": r"padded input width W \+ pad_left \+ pad_right overflows int64",
+    "explicit_paddings_with_same":
+        r"explicit_paddings must be empty unless padding is EXPLICIT, got \[1,1,1,1\]",
+    "explicit_paddings_with_valid_backprop_filter":
+        r"explicit_paddings must be empty unless padding is EXPLICIT",
+    "zero_height_filter": r"the filter height KH must be positive \(input \[1,5,5,1\], "
+                          r"filter \[0,3,1,1\]\)",
+}
+
+
+@pytest.fixture(scope="module")
+def shape_outcomes():
+    return run_snippets(SHAPE_SNIPPETS)
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_SNIPPETS))
+def test_extreme_shapes_fail_cleanly_and_agree_with_the_shape_function(shape_outcomes, name):
+    got = shape_outcomes[name]
+    expected = EXPECTED[name]
+    if isinstance(expected, tuple):
+        assert got["eager"] == {"shape": list(expected)}, got
+        assert got["graph"] == {"shape": list(expected)}, got
+        return
+    eager, graph = got["eager"], got["graph"]
+    assert eager.get("error") == "InvalidArgumentError", got
+    assert re.search(expected, eager["message"]), got
+    # Graph construction runs the shape function, which must raise the kernel's message
+    # (TensorFlow reports shape-function errors while tracing as ValueError).
+    assert graph.get("error") in ("ValueError", "InvalidArgumentError"), got
+    core = eager["message"].split(" [Op:")[0].split("}} ")[-1]
+    assert core in graph["message"], got

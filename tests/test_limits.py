@@ -109,3 +109,47 @@ def test_extreme_shapes_fail_cleanly_and_agree_with_the_shape_function(shape_out
     assert graph.get("error") in ("ValueError", "InvalidArgumentError"), got
     core = eager["message"].split(" [Op:")[0].split("}} ")[-1]
     assert core in graph["message"], got
+
+
+# Empty sums: each output is +0 (numerics.md §3), in time proportional to the output.
+# `result` is (shape, all outputs are +0, seconds).
+_TIMED = """
+import time
+_t0 = time.perf_counter()
+_y = np.asarray({call})
+result = [list(_y.shape), bool(np.all(_y == 0) and not np.any(np.signbit(_y))),
+          time.perf_counter() - _t0]
+"""
+EMPTY_SUM_SNIPPETS = {
+    # The hang of the issue: Cout = 0 with a filter of 2^60 taps.
+    "backprop_input_cout_0_huge_filter": _TIMED.format(call="""lib.tfaccum_conv2d_backprop_input(
+        tf.constant([1, 1, 1, 1]), tf.zeros([2**30, 2**30, 1, 0]), tf.zeros([1, 1, 1, 0]))"""),
+    "conv2d_cin_0_huge_filter": _TIMED.format(call="""tfaccum.accum_conv2d(
+        tf.zeros([1, 2, 3, 0]), tf.zeros([2**30, 2**30, 0, 2]),
+        tfaccum.AccumConfig(accumulator="e5m2", chunk_size=3, rounding="stochastic"))"""),
+    "backprop_filter_batch_0": _TIMED.format(call="""lib.tfaccum_conv2d_backprop_filter(
+        tf.zeros([0, 5, 5, 2]), tf.constant([3, 3, 2, 4]), tf.zeros([0, 5, 5, 4]),
+        accumulator=[4, 3, 0, 1], chunk_size=2)"""),
+    "matmul_k_0": _TIMED.format(call="""tfaccum.accum_matmul(
+        tf.zeros([300, 0]), tf.zeros([0, 200]),
+        tfaccum.AccumConfig(product="e4m3", rounding="toward_zero"))"""),
+}
+EMPTY_SUM_SHAPES = {
+    "backprop_input_cout_0_huge_filter": [1, 1, 1, 1],
+    "conv2d_cin_0_huge_filter": [1, 2, 3, 2],
+    "backprop_filter_batch_0": [3, 3, 2, 4],
+    "matmul_k_0": [300, 200],
+}
+
+
+@pytest.fixture(scope="module")
+def empty_sum_outcomes():
+    return run_snippets(EMPTY_SUM_SNIPPETS, timeout=120)
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_SUM_SNIPPETS))
+def test_empty_sums_are_positive_zero_and_fast(empty_sum_outcomes, name):
+    shape, all_positive_zero, seconds = empty_sum_outcomes[name]
+    assert shape == EMPTY_SUM_SHAPES[name]
+    assert all_positive_zero
+    assert seconds < 10, f"{name} took {seconds:.1f} s"

@@ -194,6 +194,12 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
                     const ParallelFor& parallel_for) {
   if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    // Every sum is empty: +0 (numerics.md §3), whatever the formats and the rounding.
+    // Returned here so that an empty sum costs one write per output, with no scratch.
+    std::fill(c, c + M * N, 0.0f);
+    return;
+  }
   const int64_t col_tiles = (N + kTileCols - 1) / kTileCols;
   const int64_t ldb = col_tiles * kTileCols;
 

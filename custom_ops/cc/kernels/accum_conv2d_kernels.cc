@@ -54,13 +54,19 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
   const int64_t M = g.batch * g.in_h * g.in_w, K = g.input_grad_length(), N = g.in_c;
 
   // B(k = (ky, kx, co), ci) = w[ky, kx, ci, co]: the filter with its last two axes swapped.
-  const int64_t taps = g.k_h * g.k_w;
-  std::vector<float> w_swapped(static_cast<size_t>(taps * g.in_c * g.out_c));
-  const float* wd = w.flat<float>().data();
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t ci = 0; ci < g.in_c; ++ci)
-      for (int64_t co = 0; co < g.out_c; ++co)
-        w_swapped[(t * g.out_c + co) * g.in_c + ci] = wd[(t * g.in_c + ci) * g.out_c + co];
+  // An empty filter here means Cout = 0 (dx is not empty, so Cin > 0): the sums are empty
+  // and B is never read. The swap is skipped then, because its loop over the KH * KW taps
+  // would run even with nothing to copy (a filter [2^30, 2^30, 1, 0] is a valid tensor).
+  std::vector<float> w_swapped;
+  if (w.NumElements() > 0) {
+    const int64_t taps = g.k_h * g.k_w;  // fits: w has taps * Cin * Cout elements
+    w_swapped.resize(static_cast<size_t>(w.NumElements()));
+    const float* wd = w.flat<float>().data();
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t ci = 0; ci < g.in_c; ++ci)
+        for (int64_t co = 0; co < g.out_c; ++co)
+          w_swapped[(t * g.out_c + co) * g.in_c + ci] = wd[(t * g.in_c + ci) * g.out_c + co];
+  }
 
   const float* dyd = dy.flat<float>().data();
   RowGather gather = [g, dyd, K](int64_t row0, int64_t rows, double* panel) {

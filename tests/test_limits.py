@@ -153,3 +153,62 @@ def test_empty_sums_are_positive_zero_and_fast(empty_sum_outcomes, name):
     assert shape == EMPTY_SUM_SHAPES[name]
     assert all_positive_zero
     assert seconds < 10, f"{name} took {seconds:.1f} s"
+
+
+# Memory: scratch comes from TensorFlow's allocator, so running out of it is a
+# ResourceExhausted error, never a std::bad_alloc that kills the process; and an N = 1
+# GEMM needs scratch of about its operands' size, not 12 times it.
+_MEMORY_PRELUDE = """
+import resource
+
+def _address_space():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+cfg = tfaccum.AccumConfig(accumulator="e8m10")
+tfaccum.accum_matmul(tf.ones([1, 4]), tf.ones([4, 1]), cfg)  # thread pools, library: warm
+"""
+MEMORY_SNIPPETS = {
+    # The issue's reproducer: 1 GiB above current use, operands created under the limit.
+    "matmul_n1_one_gib_headroom": _MEMORY_PRELUDE + """
+resource.setrlimit(resource.RLIMIT_AS, (_address_space() + 2**30, resource.RLIM_INFINITY))
+result = outcome(lambda: tfaccum.accum_matmul(tf.ones([1, 2**25]), tf.ones([2**25, 1]), cfg))
+if "shape" in result:
+    result["value"] = float(tfaccum.accum_matmul(tf.ones([1, 2**25]), tf.ones([2**25, 1]),
+                                                 cfg).numpy()[0, 0])
+""",
+    # Headroom for the operands' scratch copy but not for the A panel: must be an error.
+    "matmul_scratch_does_not_fit": _MEMORY_PRELUDE + """
+a, b = tf.ones([1, 2**25]), tf.ones([2**25, 1])
+resource.setrlimit(resource.RLIMIT_AS, (_address_space() + 200 * 2**20, resource.RLIM_INFINITY))
+result = outcome(lambda: tfaccum.accum_matmul(a, b, cfg))
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def memory_outcomes():
+    # One child each: memory freed by the first would be reused by the second without
+    # growing the address space.
+    return {name: run_snippets({name: code}, timeout=300)[name]
+            for name, code in MEMORY_SNIPPETS.items()}
+
+
+def test_n1_matmul_fits_in_one_gib_above_current_use(memory_outcomes):
+    got = memory_outcomes["matmul_n1_one_gib_headroom"]
+    # Success is expected (about 3/2 the operands in scratch); an out-of-memory error
+    # would be acceptable, a crash is not (run_snippets fails on it).
+    if "error" in got:
+        assert got["error"] == "ResourceExhaustedError", got
+    else:
+        assert got["shape"] == [1, 1]
+        # 2^25 ones summed in e8m10 stall at 2^11, where 2^11 + 1 is a tie to even.
+        assert got["value"] == 2048.0, got
+
+
+def test_out_of_scratch_memory_is_resource_exhausted_naming_op_and_size(memory_outcomes):
+    got = memory_outcomes["matmul_scratch_does_not_fit"]
+    assert got.get("error") == "ResourceExhaustedError", got
+    assert re.search(r"TfaccumMatMul .*out of memory for \d+ bytes of scratch "
+                     r"\((the B operand|the A panels)\)", got["message"]), got

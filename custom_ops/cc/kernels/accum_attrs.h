@@ -74,15 +74,58 @@ inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
   return absl::OkStatus();
 }
 
-// Adapts TensorFlow's CPU thread pool to the engine's ParallelFor.
-inline ParallelFor CpuParallelFor(tensorflow::OpKernelContext* ctx) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t total, int64_t cost_per_unit,
-                const std::function<void(int64_t, int64_t)>& body) {
-    if (total <= 0) return;
-    pool->ParallelFor(total, cost_per_unit, body);
-  };
-}
+// The engine's context for one CPU kernel call: TensorFlow's intra-op threads, and
+// scratch memory from allocate_temp (TensorFlow's allocator, accounted like any
+// temporary and released when the kernel returns). A failed allocation becomes
+// ResourceExhausted naming the op and the size, where a std::vector would throw
+// std::bad_alloc and kill the process.
+class CpuEngine {
+ public:
+  explicit CpuEngine(tensorflow::OpKernelContext* ctx) : ctx_(ctx) {
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    // ParallelForWithWorkerId numbers workers 0 .. NumThreads() (the caller included).
+    context_.workers = pool->NumThreads() + 1;
+    context_.parallel_for = [pool](int64_t total, int64_t cost_per_unit,
+                                   const std::function<void(int64_t, int64_t, int)>& body) {
+      if (total <= 0) return;
+      pool->ParallelForWithWorkerId(
+          total, tensorflow::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit),
+          body);
+    };
+    context_.scratch = [this](int64_t bytes, const char* what) -> void* {
+      return Allocate(bytes, what);
+    };
+  }
+  CpuEngine(const CpuEngine&) = delete;
+  CpuEngine& operator=(const CpuEngine&) = delete;
+
+  const EngineContext& context() const { return context_; }
+
+  // Why the engine returned false (or a scratch() call gave nullptr).
+  const absl::Status& failure() const { return failure_; }
+
+ private:
+  void* Allocate(int64_t bytes, const char* what) {
+    tensorflow::TensorShape shape;
+    absl::Status status = tensorflow::TensorShape::BuildTensorShape({bytes}, &shape);
+    scratch_.emplace_back();
+    if (status.ok()) status = ctx_->allocate_temp(tensorflow::DT_INT8, shape, &scratch_.back());
+    if (!status.ok()) {
+      failure_ = absl::ResourceExhaustedError(
+          ctx_->op_kernel().type_string() + " '" + ctx_->op_kernel().name() +
+          "': out of memory for " + std::to_string(bytes) + " bytes of scratch (" + what +
+          "): " + std::string(status.message()));
+      scratch_.pop_back();
+      return nullptr;
+    }
+    return scratch_.back().flat<int8_t>().data();
+  }
+
+  tensorflow::OpKernelContext* ctx_;
+  std::vector<tensorflow::Tensor> scratch_;
+  absl::Status failure_;
+  EngineContext context_;
+};
 
 }  // namespace tfaccum
 

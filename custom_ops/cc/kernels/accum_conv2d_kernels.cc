@@ -4,8 +4,6 @@
 // (input gradient), zero where a tap falls outside (§5).
 #define EIGEN_USE_THREADS
 
-#include <vector>
-
 #include "tensorflow/core/framework/op_kernel.h"
 #include "op_frontends.h"
 
@@ -40,8 +38,10 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
     }
   };
   // B(k = (ky, kx, ci), co) is the filter in its own layout.
-  AccumulateGemm(params, M, N, K, gather, w.flat<float>().data(), N, 1,
-                 y->flat<float>().data(), 0, CpuParallelFor(ctx));
+  CpuEngine engine(ctx);
+  if (!AccumulateGemm(params, M, N, K, gather, w.flat<float>().data(), N, 1,
+                      y->flat<float>().data(), 0, engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 
@@ -57,10 +57,13 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
   // An empty filter here means Cout = 0 (dx is not empty, so Cin > 0): the sums are empty
   // and B is never read. The swap is skipped then, because its loop over the KH * KW taps
   // would run even with nothing to copy (a filter [2^30, 2^30, 1, 0] is a valid tensor).
-  std::vector<float> w_swapped;
+  CpuEngine engine(ctx);
+  float* w_swapped = nullptr;
   if (w.NumElements() > 0) {
     const int64_t taps = g.k_h * g.k_w;  // fits: w has taps * Cin * Cout elements
-    w_swapped.resize(static_cast<size_t>(w.NumElements()));
+    w_swapped = static_cast<float*>(
+        engine.context().scratch(w.NumElements() * 4, "the transposed filter"));
+    if (w_swapped == nullptr) return engine.failure();
     const float* wd = w.flat<float>().data();
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t ci = 0; ci < g.in_c; ++ci)
@@ -86,8 +89,9 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
       }
     }
   };
-  AccumulateGemm(params, M, N, K, gather, w_swapped.data(), N, 1, dx->flat<float>().data(),
-                 0, CpuParallelFor(ctx));
+  if (!AccumulateGemm(params, M, N, K, gather, w_swapped, N, 1, dx->flat<float>().data(), 0,
+                      engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 
@@ -119,8 +123,10 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
           }
   };
   // B(k = (b, oy, ox), co) is out_backprop in its own layout.
-  AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,
-                 dw->flat<float>().data(), 0, CpuParallelFor(ctx));
+  CpuEngine engine(ctx);
+  if (!AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,
+                      dw->flat<float>().data(), 0, engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 

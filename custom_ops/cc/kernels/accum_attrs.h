@@ -21,7 +21,9 @@ inline absl::Status ParseRounding(const std::string& name, int32_t* rounding) {
   return absl::OkStatus();
 }
 
-// `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf].
+// `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf]. Each is checked
+// as the int64 it arrives as, so that a message names the field, its value and its
+// range (rather than a value that no longer fits the int32 fields).
 inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& values,
                                 Format* format) {
   if (values.size() != 4) {
@@ -29,13 +31,23 @@ inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& va
         std::string(attr) + " must be [exponent_bits, mantissa_bits, subnormals, "
         "overflow_inf] (4 integers), got " + std::to_string(values.size()) + " values");
   }
+  static const struct {
+    const char* name;
+    int64_t lo, hi;
+  } kFields[4] = {{"exponent_bits", 2, 8},
+                  {"mantissa_bits", 0, 23},
+                  {"subnormals", 0, 1},
+                  {"overflow_inf (0: saturate, 1: inf)", 0, 1}};
+  for (int i = 0; i < 4; ++i) {
+    if (values[i] < kFields[i].lo || values[i] > kFields[i].hi)
+      return absl::InvalidArgumentError(
+          std::string(attr) + ": " + kFields[i].name + " must be in " +
+          std::to_string(kFields[i].lo) + ".." + std::to_string(kFields[i].hi) + ", got " +
+          std::to_string(values[i]));
+  }
   *format = Format{static_cast<int32_t>(values[0]), static_cast<int32_t>(values[1]),
                    static_cast<int32_t>(values[2]), static_cast<int32_t>(values[3])};
-  if (values[0] != format->exponent_bits || values[1] != format->mantissa_bits ||
-      values[2] != format->subnormals || values[3] != format->overflow_inf) {
-    return absl::InvalidArgumentError(std::string(attr) + ": value out of range");
-  }
-  if (const char* problem = validate_format(*format)) {
+  if (const char* problem = validate_format(*format)) {  // the CUDA launchers' rule too
     return absl::InvalidArgumentError(std::string(attr) + ": " + problem);
   }
   return absl::OkStatus();

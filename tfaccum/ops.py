@@ -57,7 +57,21 @@ def _config_attrs(config: AccumConfig, policy: AccumPolicy) -> dict:
 
 
 def _policy_of(op) -> AccumPolicy:
-    return AccumPolicy.from_json(op.get_attr("policy").decode())
+    """The AccumPolicy a gradient function needs, from the forward op's ``policy``."""
+    text = op.get_attr("policy").decode()
+    # Eager gradients get a stand-in op without a name.
+    what = f"{op.type} {op.name!r}" if hasattr(op, "name") else op.type
+    if not text:
+        raise ValueError(
+            f"tfaccum: cannot differentiate {what}: its `policy` attribute is "
+            "empty. The gradient GEMMs take their configurations from it; call the op through "
+            "tfaccum.accum_matmul / tfaccum.accum_conv2d, or pass "
+            "policy=tfaccum.AccumPolicy(...).to_json() to the raw op.")
+    try:
+        return AccumPolicy.from_json(text)
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"tfaccum: cannot differentiate {what}: its `policy` "
+                         f"attribute is not an AccumPolicy JSON ({err}): {text[:200]!r}") from None
 
 
 # --- quantize ---------------------------------------------------------------------------
@@ -236,6 +250,8 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
         **attrs, **_config_attrs(policy.fwd, policy))
 
 
+# The gradients pass the operands' shapes as int64 (the ops' Tsizes attribute), so that
+# a dimension of 2^31 or more is a size like any other.
 @tf.RegisterGradient("TfaccumConv2D")
 def _conv2d_grad(op, dy):
     policy = _policy_of(op)
@@ -244,9 +260,9 @@ def _conv2d_grad(op, dy):
     lib = load_library()
     conv = _conv_attrs(op)
     dx = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), w, dy_q, **conv, **_config_attrs(policy.bwd, policy))
+        tf.shape(x, out_type=tf.int64), w, dy_q, **conv, **_config_attrs(policy.bwd, policy))
     dw = lib.tfaccum_conv2d_backprop_filter(
-        x, tf.shape(w, out_type=tf.int32), dy_q, **conv, **_config_attrs(policy.grad, policy))
+        x, tf.shape(w, out_type=tf.int64), dy_q, **conv, **_config_attrs(policy.grad, policy))
     return dx, dw
 
 
@@ -259,7 +275,7 @@ def _conv2d_backprop_input_grad(op, ddx):
     conv = _conv_attrs(op)
     d_dy = lib.tfaccum_conv2d(ddx, w, **conv, **_config_attrs(policy.fwd, policy))
     d_w = lib.tfaccum_conv2d_backprop_filter(
-        ddx, tf.shape(w, out_type=tf.int32), dy, **conv, **_config_attrs(policy.grad, policy))
+        ddx, tf.shape(w, out_type=tf.int64), dy, **conv, **_config_attrs(policy.grad, policy))
     return None, d_w, d_dy
 
 
@@ -270,7 +286,7 @@ def _conv2d_backprop_filter_grad(op, ddw):
     lib = load_library()
     conv = _conv_attrs(op)
     d_x = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), ddw, dy, **conv, **_config_attrs(policy.bwd, policy))
+        tf.shape(x, out_type=tf.int64), ddw, dy, **conv, **_config_attrs(policy.bwd, policy))
     d_dy = lib.tfaccum_conv2d(x, ddw, **conv, **_config_attrs(policy.fwd, policy))
     return d_x, None, d_dy
 

@@ -144,7 +144,8 @@ absl::Status Conv2DShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-// The backprop ops output a tensor of the shape given by their size input. When that
+// The backprop ops output a tensor of the shape given by their size input (int32, or
+// int64 for dimensions of 2^31 and more: the gradient functions pass int64). When that
 // input is a constant and the other operands' shapes are known, the shape function
 // runs the kernel's checks, so a graph fails where the eager op would.
 absl::Status BackpropShape(InferenceContext* c, int sizes_input, const char* sizes_name) {
@@ -193,22 +194,24 @@ REGISTER_OP("TfaccumConv2D")
     .Doc("NHWC convolution; y[b,oy,ox,co] sums (ky, kx, ci) in row-major order.");
 
 REGISTER_OP("TfaccumConv2DBackpropInput")
-    .Input("input_sizes: int32")
+    .Input("input_sizes: Tsizes")
     .Input("filter: float")
     .Input("out_backprop: float")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
+    .Attr("Tsizes: {int32, int64} = DT_INT32")
     .SetShapeFn([](InferenceContext* c) { return BackpropShape(c, 0, "input_sizes"); })
     .Doc("Input gradient; dx[b,iy,ix,ci] sums (ky, kx, co) in row-major order.");
 
 REGISTER_OP("TfaccumConv2DBackpropFilter")
     .Input("input: float")
-    .Input("filter_sizes: int32")
+    .Input("filter_sizes: Tsizes")
     .Input("out_backprop: float")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
+    .Attr("Tsizes: {int32, int64} = DT_INT32")
     .SetShapeFn([](InferenceContext* c) { return BackpropShape(c, 1, "filter_sizes"); })
     .Doc("Filter gradient; dw[ky,kx,ci,co] sums (b, oy, ox) in row-major order.");
 

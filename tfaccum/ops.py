@@ -197,6 +197,9 @@ def _padding_attrs(padding) -> dict:
     flat = [v for p in pads for v in p]
     if any(v < 0 for v in flat):
         raise ValueError(f"explicit padding must be non-negative, got {padding!r}")
+    # The attribute is int64; beyond it TensorFlow raises a bare "int too big to convert".
+    if any(v > 2 ** 63 - 1 for v in flat):
+        raise ValueError(f"explicit padding must be below 2**63, got {padding!r}")
     return {"padding": "EXPLICIT", "explicit_paddings": flat}
 
 

@@ -21,8 +21,33 @@ import tensorflow as tf
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat, as_format, as_policy
 
 _LIBRARY_NAME = "_tfaccum_ops.so"
+# Next to the library: the TensorFlow version it was compiled against, one line, written
+# by custom_ops/build.py (and the Bazel rule //:tf_version_record).
+_VERSION_RECORD_SUFFIX = ".tf_version"
+_REBUILD = "rebuild with `make` (or `pip install --no-build-isolation -e .`) in the source tree"
 _lock = threading.Lock()
 _library = None
+
+
+def _library_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+
+
+def check_library_version(path: str) -> str:
+    """The TensorFlow version the op library at ``path`` was built against; ImportError
+    unless it is the installed one. A library built against another TensorFlow would fail
+    to load with undefined symbols, or load and misbehave: its C++ ABI is not stable."""
+    record = path + _VERSION_RECORD_SUFFIX
+    try:
+        with open(record) as f:
+            built = f.read().strip()
+    except OSError:
+        raise ImportError(f"tfaccum's op library {path} has no record of the TensorFlow it "
+                          f"was built against ({record} is missing): {_REBUILD}") from None
+    if built != tf.__version__:
+        raise ImportError(f"tfaccum's op library {path} was built against TensorFlow "
+                          f"{built}, but TensorFlow {tf.__version__} is installed: {_REBUILD}")
+    return built
 
 
 def load_library():
@@ -31,11 +56,10 @@ def load_library():
     if _library is None:
         with _lock:
             if _library is None:
-                path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+                path = _library_path()
                 if not os.path.exists(path):
-                    raise ImportError(
-                        f"tfaccum's op library {path} is not built: run `make` (or "
-                        "`pip install --no-build-isolation -e .`) in the source tree")
+                    raise ImportError(f"tfaccum's op library {path} is not built: {_REBUILD}")
+                check_library_version(path)
                 _library = tf.load_op_library(path)
     return _library
 

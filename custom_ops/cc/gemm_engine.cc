@@ -254,7 +254,6 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     if (panel_index < 0) panel_index = next_panel.fetch_add(1);
     double* panel = panel_memory + panel_index * panel_rows * K;
     TileJob job{&params, K, {}, nullptr, ldb, nullptr, nullptr};
-    for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel + (r < panel_rows ? r : 0) * K;
     TileU keys = {};
     TileD out;
     job.keys = &keys;

@@ -22,4 +22,4 @@ bench: all
 	$(PYTHON) examples/benchmark.py
 
 clean:
-	rm -rf build tfaccum/_tfaccum_ops.so
+	rm -rf build tfaccum/_tfaccum_ops.so tfaccum/_tfaccum_ops.so.tf_version

@@ -53,6 +53,9 @@ cc_library(
     name = "libtensorflow_framework",
     srcs = ["lib/{framework_lib}"],
 )
+
+# The TensorFlow version the op library is built against (//:tf_version_record).
+exports_files(["tf_version"])
 '''
 
 
@@ -155,6 +158,8 @@ def main(argv=None):
     _symlink(include_dir, os.path.join(REPO_DIR, "include"))
     os.makedirs(os.path.join(REPO_DIR, "lib"), exist_ok=True)
     _symlink(os.path.join(lib_dir, lib_name), os.path.join(REPO_DIR, "lib", lib_name))
+    # The same record custom_ops/build.py writes next to the library it links.
+    _write(os.path.join(REPO_DIR, "tf_version"), tf.__version__ + "\n")
     _write(os.path.join(REPO_DIR, "BUILD"), REPO_BUILD.format(
         python=sys.executable, version=tf.__version__, tf_dir=lib_dir,
         defines=repr(defines).replace("'", '"'), framework_lib=lib_name))
@@ -182,7 +187,7 @@ def main(argv=None):
     if major is None:
         print(f"configure.py: note: `{args.bazel} --version` failed; rerun configure.py "
               "once Bazel is installed (Bazel 4 and 8 need extra flags)")
-    print("configure.py: now run `bazel build //:_tfaccum_ops.so`")
+    print("configure.py: now run `bazel build //:_tfaccum_ops.so //:tf_version_record`")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ setup(
     packages=find_packages(include=["tfaccum", "tfaccum.*"]),
     ext_modules=[Extension("tfaccum._tfaccum_ops", sources=[])],
     cmdclass={"build_ext": BuildOpLibrary},
+    # Every third-party module tfaccum imports (tests/test_packaging.py checks the list
+    # against the imports); TensorFlow itself comes from an extra or is already installed.
     install_requires=["numpy", "absl-py", "keras>=3", "tensorboard", "tensorflow-datasets",
-                      "importlib_resources", "scikit-learn"],
+                      "scikit-learn", "scipy"],
     extras_require={
         # tensorflow and tensorflow-cpu are two distributions of one module: pick one.
         "cpu": ["tensorflow-cpu==2.21.0"],
@@ -54,9 +56,11 @@ setup(
         "plot": ["matplotlib"],
         "test": ["pytest", "matplotlib"],
     },
+    # A console script calls its function with no arguments and exits with its return
+    # value: both mains read sys.argv and return an exit status.
     entry_points={"console_scripts": [
-        "tfaccum-train=tfaccum.train:run",
-        "tfaccum-analyze=tfaccum.analyze:run",
+        "tfaccum-train=tfaccum.train:main",
+        "tfaccum-analyze=tfaccum.analyze:main",
     ]},
     zip_safe=False,
 )

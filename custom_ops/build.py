@@ -37,11 +37,34 @@ def cuda_home():
     return os.environ.get("CUDA_HOME", "/usr/local/cuda")
 
 
-def tf_flags():
+def _tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: WPS433 (deliberately late: only the build needs TF)
 
+    return tf
+
+
+def tf_flags():
+    tf = _tensorflow()
     return list(tf.sysconfig.get_compile_flags()), list(tf.sysconfig.get_link_flags())
+
+
+# The op library only loads into the TensorFlow it was compiled against (its C++ ABI
+# changes between releases; a mismatch fails with undefined symbols, or worse). The build
+# writes that version next to the library, and tfaccum/ops.py refuses to load the library
+# under another version.
+VERSION_RECORD_SUFFIX = ".tf_version"
+
+
+def version_record_path(library_path):
+    return library_path + VERSION_RECORD_SUFFIX
+
+
+def write_version_record(library_path, version=None):
+    """Writes the TensorFlow version (default: the installed one) next to the library."""
+    version = version or _tensorflow().__version__
+    with open(version_record_path(library_path), "w") as f:
+        f.write(version + "\n")
 
 
 def _headers():
@@ -104,6 +127,8 @@ def build_library(out_path, cuda=False, verbose=False, jobs=None):
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         _run([cxx, "-shared", "-o", out_path] + objects + cuda_libs + link_flags + ["-O3"],
              verbose)
+    # Every build writes it, so that an older library without one gets one from `make`.
+    write_version_record(out_path)
     return out_path
 
 

@@ -81,3 +81,22 @@ def test_config_validation():
         AccumConfig.from_dict({"accumulator": {"exponent_bits": 5, "mantissa_bits": 2}, "chunk": 3})
     with pytest.raises(TypeError, match="AccumConfig or tfaccum.AccumPolicy"):
         tfaccum.as_policy("fp32")
+
+
+def test_numpy_integers_are_accepted_and_stored_as_python_ints():
+    import numpy as np
+
+    cfg = AccumConfig(accumulator=FloatFormat(np.int64(6), np.int32(9), subnormals=np.bool_(True)),
+                      chunk_size=np.uint16(64), rounding="stochastic", seed=np.int64(-5))
+    assert cfg == AccumConfig(accumulator=FloatFormat(6, 9), chunk_size=64,
+                              rounding="stochastic", seed=-5)
+    assert type(cfg.seed) is int and type(cfg.chunk_size) is int
+    assert type(cfg.accumulator.mantissa_bits) is int and type(cfg.accumulator.subnormals) is bool
+    assert AccumConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(TypeError, match="seed must be an int, got float64"):
+        AccumConfig(seed=np.float64(3))
+    with pytest.raises(TypeError, match="seed must be an int, got bool"):
+        AccumConfig(seed=np.bool_(True))
+    with pytest.raises(ValueError, match=r"seed must be in -9223372036854775808\.\.9223372036854775807, "
+                                         r"got 9223372036854775808"):
+        AccumConfig(seed=np.uint64(2 ** 63))

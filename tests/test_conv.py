@@ -257,3 +257,32 @@ def test_errors_are_clear():
         lib.tfaccum_conv2d_backprop_input([1, 5, 5, 3], w, np.ones((1, 4, 4, 2), np.float32), 0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="filter_sizes"):
         lib.tfaccum_conv2d_backprop_filter(x, [3, 3, 3], np.ones((1, 5, 5, 2), np.float32), 0)
+
+
+def test_gradients_of_dimensions_of_2_31_and_more():
+    """The gradients pass shapes as int64: a dimension >= 2^31 is a size like any other
+    (it used to fail inside tf.shape(..., int32) with a message that never named tfaccum).
+    Empty operands keep the test small; dw sums over an empty batch, so it is +0."""
+    cfg = AccumConfig(accumulator=FloatFormat(5, 4))
+    x, w = tf.zeros([0, 2 ** 31, 3, 2]), tf.ones([3, 1, 2, 4])
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = tfaccum.accum_conv2d(x, w, cfg, padding="VALID")
+    # The seed gradient is given: TensorFlow's own ones-like for y would use int32.
+    dx, dw = tape.gradient(y, [x, w], output_gradients=tf.zeros(y.shape))
+    assert y.shape == (0, 2 ** 31 - 2, 3, 4) and dx.shape == x.shape
+    assert dw.shape == w.shape and not np.any(dw.numpy()) and not np.any(np.signbit(dw.numpy()))
+    lib = tfaccum.ops.load_library()
+    dx = lib.tfaccum_conv2d_backprop_input(tf.constant([1, 2, 2, 1], tf.int64), tf.ones([1, 1, 1, 1]),
+                                           tf.ones([1, 2, 2, 1]), 0)
+    assert_bit_equal(dx, np.ones((1, 2, 2, 1), np.float32))
+
+
+def test_gradient_of_a_raw_conv_without_policy_is_a_clear_error():
+    lib = tfaccum.ops.load_library()
+    x, w = tf.ones([1, 3, 3, 1]), tf.ones([2, 2, 1, 1])
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = lib.tfaccum_conv2d(x, w, 0)
+    with pytest.raises(ValueError, match="cannot differentiate TfaccumConv2D: its `policy`"):
+        tape.gradient(y, [x, w])

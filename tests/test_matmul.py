@@ -442,6 +442,46 @@ def test_invalid_kernel_attributes_are_invalid_argument():
         lib.tfaccum_mat_mul(a, a, 0, rounding="up")
     with pytest.raises(tf.errors.InvalidArgumentError, match="format"):
         lib.tfaccum_quantize(a, 0, format=[5, 10, 2, 0])
+    # Values beyond int32 used to give a bare "value out of range": the message names
+    # the field, its value and its range.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"accumulator: mantissa_bits must be in 0\.\.23, got 4294967306"):
+        lib.tfaccum_mat_mul(a, a, 0, accumulator=[8, 2 ** 32 + 10, 1, 0])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"chunk_accumulator: exponent_bits must be in 2\.\.8, got -8589934592"):
+        lib.tfaccum_mat_mul(a, a, 0, chunk_accumulator=[-2 ** 33, 10, 1, 0])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"format: overflow_inf \(0: saturate, 1: inf\) must be in 0\.\.1, got 2"):
+        lib.tfaccum_quantize(a, 0, format=[5, 10, 1, 2])
+
+
+def test_gradient_of_a_raw_op_without_policy_is_a_clear_error():
+    lib = tfaccum.ops.load_library()
+    a, b = tf.ones([2, 3]), tf.ones([3, 2])
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y = lib.tfaccum_mat_mul(a, b, 0)
+    with pytest.raises(ValueError, match=r"cannot differentiate TfaccumMatMul: its `policy` "
+                                         r"attribute is empty"):
+        tape.gradient(y, [a, b])
+
+    @tf.function
+    def graph_grad(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            y = lib.tfaccum_mat_mul(a, b, 0, policy="{not json")
+        return tape.gradient(y, [a, b])
+
+    with pytest.raises(ValueError, match=r"cannot differentiate TfaccumMatMul.*: its `policy` "
+                                         r"attribute is not an AccumPolicy JSON"):
+        graph_grad(a, b)
+    # With a policy the raw op differentiates like accum_matmul.
+    cfg = AccumConfig(accumulator=FloatFormat(5, 4))
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        y = lib.tfaccum_mat_mul(a, b, 0, policy=AccumPolicy.uniform(cfg).to_json())
+    da, db = tape.gradient(y, [a, b])
+    assert da.shape == (2, 3) and db.shape == (3, 2)
 
 
 def test_empty_inputs():

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from typing import Any, Mapping, Optional, Union
+
+import numpy as np
 
 ROUNDING_MODES = ("nearest_even", "toward_zero", "stochastic")
 OVERFLOW_POLICIES = ("saturate", "inf")
@@ -32,8 +35,14 @@ _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int: any integer type (numpy's too, as seeds drawn from a
+    numpy generator are), never a bool or a float."""
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if value < lo or (hi is not None and value > hi):
         allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be in {allowed}, got {value}")
@@ -41,9 +50,9 @@ def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> int:
 
 
 def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
+    return bool(value)
 
 
 def _check_choice(name: str, value: Any, choices) -> str:
@@ -71,9 +80,13 @@ class FloatFormat:
     overflow: str = "saturate"
 
     def __post_init__(self):
-        _check_int("exponent_bits", self.exponent_bits, 2, 8)
-        _check_int("mantissa_bits", self.mantissa_bits, 0, 23)
-        _check_bool("subnormals", self.subnormals)
+        # Stored back as plain Python values, so that configs compare, hash and serialize
+        # alike whatever integer type they were given.
+        object.__setattr__(self, "exponent_bits",
+                           _check_int("exponent_bits", self.exponent_bits, 2, 8))
+        object.__setattr__(self, "mantissa_bits",
+                           _check_int("mantissa_bits", self.mantissa_bits, 0, 23))
+        object.__setattr__(self, "subnormals", _check_bool("subnormals", self.subnormals))
         _check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
 
     # Derived quantities -------------------------------------------------------------
@@ -204,9 +217,10 @@ class AccumConfig:
             object.__setattr__(self, "product", as_format(self.product))
         if self.chunk_accumulator is not None:
             object.__setattr__(self, "chunk_accumulator", as_format(self.chunk_accumulator))
-        _check_int("chunk_size", self.chunk_size, 0, 2 ** 31 - 1)
+        object.__setattr__(self, "chunk_size",
+                           _check_int("chunk_size", self.chunk_size, 0, 2 ** 31 - 1))
         _check_choice("rounding", self.rounding, ROUNDING_MODES)
-        _check_int("seed", self.seed, _INT64_MIN, _INT64_MAX)
+        object.__setattr__(self, "seed", _check_int("seed", self.seed, _INT64_MIN, _INT64_MAX))
 
     @property
     def effective_chunk_accumulator(self) -> FloatFormat:

@@ -23,8 +23,33 @@ import tensorflow as tf
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat, as_format, as_policy
 
 _LIBRARY_NAME = "_tfaccum_ops.so"
+# Next to the library: the TensorFlow version it was compiled against, one line, written
+# by custom_ops/build.py (and the Bazel rule //:tf_version_record).
+_VERSION_RECORD_SUFFIX = ".tf_version"
+_REBUILD = "rebuild with `make` (or `pip install --no-build-isolation -e .`) in the source tree"
 _lock = threading.Lock()
 _library = None
+
+
+def _library_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+
+
+def check_library_version(path: str) -> str:
+    """The TensorFlow version the op library at ``path`` was built against; ImportError
+    unless it is the installed one. A library built against another TensorFlow would fail
+    to load with undefined symbols, or load and misbehave: its C++ ABI is not stable."""
+    record = path + _VERSION_RECORD_SUFFIX
+    try:
+        with open(record) as f:
+            built = f.read().strip()
+    except OSError:
+        raise ImportError(f"tfaccum's op library {path} has no record of the TensorFlow it "
+                          f"was built against ({record} is missing): {_REBUILD}") from None
+    if built != tf.__version__:
+        raise ImportError(f"tfaccum's op library {path} was built against TensorFlow "
+                          f"{built}, but TensorFlow {tf.__version__} is installed: {_REBUILD}")
+    return built
 
 
 def load_library():
@@ -33,11 +58,10 @@ def load_library():
     if _library is None:
         with _lock:
             if _library is None:
-                path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+                path = _library_path()
                 if not os.path.exists(path):
-                    raise ImportError(
-                        f"tfaccum's op library {path} is not built: run `make` (or "
-                        "`pip install --no-build-isolation -e .`) in the source tree")
+                    raise ImportError(f"tfaccum's op library {path} is not built: {_REBUILD}")
+                check_library_version(path)
                 _library = tf.load_op_library(path)
     return _library
 
@@ -85,7 +109,21 @@ def _config_attrs(config: AccumConfig, policy: AccumPolicy) -> dict:
 
 
 def _policy_of(op) -> AccumPolicy:
-    return AccumPolicy.from_json(op.get_attr("policy").decode())
+    """The AccumPolicy a gradient function needs, from the forward op's ``policy``."""
+    text = op.get_attr("policy").decode()
+    # Eager gradients get a stand-in op without a name.
+    what = f"{op.type} {op.name!r}" if hasattr(op, "name") else op.type
+    if not text:
+        raise ValueError(
+            f"tfaccum: cannot differentiate {what}: its `policy` attribute is "
+            "empty. The gradient GEMMs take their configurations from it; call the op through "
+            "tfaccum.accum_matmul / tfaccum.accum_conv2d, or pass "
+            "policy=tfaccum.AccumPolicy(...).to_json() to the raw op.")
+    try:
+        return AccumPolicy.from_json(text)
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"tfaccum: cannot differentiate {what}: its `policy` "
+                         f"attribute is not an AccumPolicy JSON ({err}): {text[:200]!r}") from None
 
 
 # --- quantize ---------------------------------------------------------------------------
@@ -221,6 +259,9 @@ def _padding_attrs(padding) -> dict:
     flat = [v for p in pads for v in p]
     if any(v < 0 for v in flat):
         raise ValueError(f"explicit padding must be non-negative, got {padding!r}")
+    # The attribute is int64; beyond it TensorFlow raises a bare "int too big to convert".
+    if any(v > 2 ** 63 - 1 for v in flat):
+        raise ValueError(f"explicit padding must be below 2**63, got {padding!r}")
     return {"padding": "EXPLICIT", "explicit_paddings": flat}
 
 
@@ -270,7 +311,7 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
     cout = w.shape[3] if w.shape.rank == 4 else None
     groups = 1
     if cin_x is not None and cin_w is not None and cin_x != cin_w:
-        if not cin_w or cin_x % cin_w:
+        if not cin_w or not cin_x or cin_x % cin_w:  # 0 groups is no convolution
             raise ValueError(f"channel mismatch: x has {cin_x} input channels, w expects "
                              f"{cin_w}")
         groups = cin_x // cin_w
@@ -294,6 +335,8 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
     return tf.concat(outputs, axis=-1, name=name)
 
 
+# The gradients pass the operands' shapes as int64 (the ops' Tsizes attribute), so that
+# a dimension of 2^31 or more is a size like any other.
 @tf.RegisterGradient("TfaccumConv2D")
 def _conv2d_grad(op, dy):
     policy = _policy_of(op)
@@ -302,10 +345,10 @@ def _conv2d_grad(op, dy):
     lib = load_library()
     conv = _conv_attrs(op)
     dx = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), w, dy_q, step, **conv,
+        tf.shape(x, out_type=tf.int64), w, dy_q, step, **conv,
         **_config_attrs(policy.bwd, policy))
     dw = lib.tfaccum_conv2d_backprop_filter(
-        x, tf.shape(w, out_type=tf.int32), dy_q, step, **conv,
+        x, tf.shape(w, out_type=tf.int64), dy_q, step, **conv,
         **_config_attrs(policy.grad, policy))
     return dx, dw, None
 
@@ -323,7 +366,7 @@ def _conv2d_backprop_input_grad(op, ddx):
     conv = _conv_attrs(op)
     d_dy = lib.tfaccum_conv2d(ddx_q, w, step, **conv, **_config_attrs(policy.fwd, policy))
     d_w = lib.tfaccum_conv2d_backprop_filter(
-        ddx_q, tf.shape(w, out_type=tf.int32), dy, step, **conv,
+        ddx_q, tf.shape(w, out_type=tf.int64), dy, step, **conv,
         **_config_attrs(policy.grad, policy))
     return None, d_w, d_dy, None
 
@@ -336,7 +379,7 @@ def _conv2d_backprop_filter_grad(op, ddw):
     lib = load_library()
     conv = _conv_attrs(op)
     d_x = lib.tfaccum_conv2d_backprop_input(
-        tf.shape(x, out_type=tf.int32), ddw_q, dy, step, **conv,
+        tf.shape(x, out_type=tf.int64), ddw_q, dy, step, **conv,
         **_config_attrs(policy.bwd, policy))
     d_dy = lib.tfaccum_conv2d(x, ddw_q, step, **conv, **_config_attrs(policy.fwd, policy))
     return d_x, None, d_dy, None

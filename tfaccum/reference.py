@@ -577,7 +577,9 @@ def conv2d_geometry(input_shape, filter_shape, strides=(1, 1), padding="SAME",
 def _groups(what: str, cin: int, cin_w: int, cout: int) -> int:
     """The number of groups of a convolution whose input has ``cin`` channels and whose
     filter is ``[.., .., cin_w, cout]`` (TensorFlow's rule: ``cin`` a multiple of ``cin_w``)."""
-    if cin_w <= 0 or cin % cin_w or cout % (cin // cin_w):
+    if cin == cin_w:  # one group, an empty sum when there are no channels
+        return 1
+    if cin_w <= 0 or cin <= 0 or cin % cin_w or cout % (cin // cin_w):
         raise ValueError(f"{what}: input has {cin} channels, filter expects {cin_w} "
                          f"(with {cout} output channels)")
     return cin // cin_w

@@ -9,6 +9,7 @@
 #include "gemm_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -96,13 +97,14 @@ struct TileRounding {
 };
 
 // Accumulates one tile; returns false when an unchecked run must be redone checked.
-// a_panel: kTileRows x K; b_packed: K x ldb (float32, widened exactly on load: half the
+// a_rows: kTileRows rows of K values (rows past the end of A repeat a real row; their
+// results are dropped); b_packed: K x ldb (float32, widened exactly on load: half the
 // memory traffic of binary64, which matters for the long sums of filter gradients),
-// starting at the tile's first column.
+// starting at the tile's first column (see AccumulateGemm for the last column tile).
 // keys: the generator key of each output (stochastic only).
 template <int R, bool kRoundedProducts, bool kChecked>
 TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
-                                   const double* __restrict a_panel,
+                                   const double* const* a_rows,
                                    const float* __restrict b_packed, int64_t ldb,
                                    const TileU& keys, TileD& out) {
   constexpr bool kRandom = (R == kStochastic);
@@ -124,7 +126,7 @@ TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
       }
 #pragma GCC unroll 16
       for (int r = 0; r < kTileRows; ++r) {
-        const double a = a_panel[r * K + k];
+        const double a = a_rows[r][k];
 #pragma GCC unroll 16
         for (int v = 0; v < kTileVecs; ++v) {
           VecD p = a * b_row[v];  // exact
@@ -156,7 +158,7 @@ TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
 struct TileJob {
   const AccumParams* params;
   int64_t K;
-  const double* a_panel;
+  const double* a_rows[kTileRows];
   const float* b_packed;
   int64_t ldb;
   const TileU* keys;
@@ -171,10 +173,10 @@ TFACCUM_MULTIVERSION void RunTile(const TileJob& job) {
   // One instantiation per rounding mode, product handling and range checking.
 #define TFACCUM_TILE(R, PRODUCT)                                                          \
   if (!p.flushes_subnormals &&                                                            \
-      AccumulateTile<R, PRODUCT, false>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, \
+      AccumulateTile<R, PRODUCT, false>(p, job.K, job.a_rows, job.b_packed, job.ldb, keys, \
                                         out))                                             \
     return;                                                                               \
-  AccumulateTile<R, PRODUCT, true>(p, job.K, job.a_panel, job.b_packed, job.ldb, keys, out); \
+  AccumulateTile<R, PRODUCT, true>(p, job.K, job.a_rows, job.b_packed, job.ldb, keys, out); \
   return
   switch (p.rounding * 2 + (p.has_product ? 1 : 0)) {
     case kNearestEven * 2: TFACCUM_TILE(kNearestEven, false);
@@ -187,42 +189,86 @@ TFACCUM_MULTIVERSION void RunTile(const TileJob& job) {
 #undef TFACCUM_TILE
 }
 
+// count * size bytes; INT64_MAX, which no allocator can provide, when that overflows.
+int64_t ScratchBytes(int64_t count, int64_t size) {
+  return count > INT64_MAX / size ? INT64_MAX : count * size;
+}
+
 }  // namespace
 
-void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
+bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
-                    const ParallelFor& parallel_for) {
-  if (M <= 0 || N <= 0) return;
+                    const EngineContext& context) {
+  if (M <= 0 || N <= 0) return true;
+  if (K <= 0) {
+    // Every sum is empty: +0 (numerics.md §3), whatever the formats and the rounding.
+    // Returned here so that an empty sum costs one write per output, with no scratch.
+    std::fill(c, c + M * N, 0.0f);
+    return true;
+  }
   const int64_t col_tiles = (N + kTileCols - 1) / kTileCols;
-  const int64_t ldb = col_tiles * kTileCols;
+  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
 
-  // B in binary64, zero-padded to whole tiles (padding columns are computed, then dropped).
-  std::vector<float> b_packed(static_cast<size_t>(std::max<int64_t>(K, 1) * ldb), 0.0f);
-  parallel_for(K, N * 2, [&](int64_t k_begin, int64_t k_end) {
-    KeepDenormals keep_denormals;
-    for (int64_t k = k_begin; k < k_end; ++k)
-      for (int64_t j = 0; j < N; ++j)
-        b_packed[k * ldb + j] = b[k * b_stride_k + j * b_stride_n];
-  });
+  // B as float32 rows of N values, without the padding to whole column tiles that cost
+  // 16x the size of B for N = 1. A tile reads kTileCols columns, so when N is not a
+  // multiple of kTileCols the last column tile is shifted left to end at column N: it
+  // recomputes some columns of the tile before (bit for bit the same values, same keys)
+  // and writes only its new ones. Only N < kTileCols leaves lanes past N: they read the
+  // following row of B (kTileCols zeros of slack after the last one) and their results
+  // are dropped; a non-finite value there costs at most a checked recompute of the tile.
+  // B is used in place when it already is rows of N >= kTileCols float32 values.
+  const int64_t ldb = N;
+  const float* b_rows = b;
+  if (!(b_stride_k == N && b_stride_n == 1 && N >= kTileCols)) {
+    const int64_t floats = K * N + kTileCols;  // K * N <= elements of b: no overflow
+    float* packed = static_cast<float*>(context.scratch(ScratchBytes(floats, 4), "the B operand"));
+    if (packed == nullptr) return false;
+    std::fill(packed + K * N, packed + floats, 0.0f);
+    context.parallel_for(K, N * 2, [&](int64_t k_begin, int64_t k_end, int) {
+      KeepDenormals keep_denormals;  // a float copy, but keep it exact whatever the codegen
+      for (int64_t k = k_begin; k < k_end; ++k)
+        for (int64_t j = 0; j < N; ++j) packed[k * ldb + j] = b[k * b_stride_k + j * b_stride_n];
+    });
+    b_rows = packed;
+  }
+
+  // One A panel per worker that runs (at most one per row tile), handed out on first use.
+  // A GEMM with fewer than kTileRows rows gets panels of M rows: the tile's other rows
+  // repeat row 0 (see AccumulateTile), so an M = 1 GEMM needs K values, not 4K.
+  const int64_t panel_rows = std::min<int64_t>(kTileRows, M);
+  const int64_t panels = std::min<int64_t>(row_tiles, std::max(1, context.workers));
+  double* panel_memory = static_cast<double*>(
+      context.scratch(ScratchBytes(panels * panel_rows, K * 8), "the A panels"));
+  if (panel_memory == nullptr) return false;
+  std::vector<int64_t> panel_of_worker(static_cast<size_t>(std::max(1, context.workers)), -1);
+  std::atomic<int64_t> next_panel{0};
 
   const bool stochastic = params.rounding == kStochastic;
   const ElementIndex index = element_index(params, N);  // the generator's element of (i, j)
-  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
   // Roughly 30 vector instructions per product per 8 lanes.
-  const int64_t cost_per_row_tile = std::max<int64_t>(1, K) * ldb * kTileRows * 4;
-  parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end) {
+  const int64_t cost_per_row_tile = K * col_tiles * kTileCols * kTileRows * 4;
+  context.parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end,
+                                                         int worker) {
     KeepDenormals keep_denormals;
-    std::vector<double> panel(static_cast<size_t>(kTileRows * std::max<int64_t>(K, 1)));
+    int64_t& panel_index = panel_of_worker[worker];
+    if (panel_index < 0) panel_index = next_panel.fetch_add(1);
+    double* panel = panel_memory + panel_index * panel_rows * K;
+    TileJob job{&params, K, {}, nullptr, ldb, nullptr, nullptr};
     TileU keys = {};
     TileD out;
+    job.keys = &keys;
+    job.out = &out;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t row0 = tile * kTileRows;
       const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
-      std::fill(panel.begin(), panel.end(), 0.0);
-      if (K > 0) gather_a(row0, rows, panel.data());
+      std::fill(panel, panel + rows * K, 0.0);
+      gather_a(row0, rows, panel);
+      // Rows past M repeat row 0 (their results are dropped), as in a panel of M rows.
+      for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel + (r < rows ? r : 0) * K;
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        const int64_t col0 = ct * kTileCols;
+        const int64_t first_new = ct * kTileCols;  // the columns this tile adds
+        const int64_t col0 = std::max<int64_t>(0, std::min(first_new, N - kTileCols));
         if (stochastic) {
           for (int r = 0; r < kTileRows; ++r)
             for (int w = 0; w < kTileCols; ++w)
@@ -231,15 +277,16 @@ void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                                    static_cast<uint64_t>(row0 + r) * index.row_stride +
                                    static_cast<uint64_t>(col0 + w));
         }
-        TileJob job{&params, K, panel.data(), b_packed.data() + col0, ldb, &keys, &out};
+        job.b_packed = b_rows + col0;
         RunTile(job);
-        const int64_t cols = std::min<int64_t>(kTileCols, N - col0);
+        const int64_t w_end = std::min<int64_t>(kTileCols, N - col0);
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t w = 0; w < cols; ++w)
+          for (int64_t w = first_new - col0; w < w_end; ++w)
             c[(row0 + r) * N + col0 + w] = static_cast<float>(out[r][w / kLanes][w % kLanes]);
       }
     }
   });
+  return true;
 }
 
 namespace {
@@ -256,8 +303,8 @@ TFACCUM_MULTIVERSION void QuantizeRange(
 }  // namespace
 
 void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
-                   int32_t rounding, uint64_t seed, const ParallelFor& parallel_for) {
-  parallel_for(n, 40, [&](int64_t begin, int64_t end) {
+                   int32_t rounding, uint64_t seed, const EngineContext& context) {
+  context.parallel_for(n, 40, [&](int64_t begin, int64_t end, int) {
     KeepDenormals keep_denormals;
     QuantizeRange(x, y, begin, end, format, rounding, seed);
   });

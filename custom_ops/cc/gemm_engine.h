@@ -20,23 +20,40 @@ constexpr int kMaxPanelRows = 4;
 // Entries are float32 values (exact in binary64); out-of-range taps are exact zeros.
 using RowGather = std::function<void(int64_t row0, int64_t rows, double* panel)>;
 
-// Runs body(begin, end) over [0, total) in parallel; cost_per_unit is a hint in cycles.
-using ParallelFor =
-    std::function<void(int64_t total, int64_t cost_per_unit,
-                       const std::function<void(int64_t, int64_t)>& body)>;
+// The engine's access to the framework's threads and memory.
+struct EngineContext {
+  // Runs body(begin, end, worker) over [0, total) in parallel; cost_per_unit is a hint in
+  // cycles. `worker` is in [0, workers), and no two calls running at the same time get
+  // the same one, so per-worker scratch needs no lock.
+  std::function<void(int64_t total, int64_t cost_per_unit,
+                     const std::function<void(int64_t, int64_t, int)>& body)>
+      parallel_for;
+  int workers = 1;
+  // Returns `bytes` bytes of scratch aligned to 64 that stay valid until the kernel
+  // returns, or nullptr when they cannot be had (`what` names them for the error).
+  // Called only on the calling thread, before any parallel work: the kernels use the
+  // framework's allocator, and an allocation failure must become an error status, never
+  // a std::bad_alloc thrown on a worker thread (which would terminate the process).
+  std::function<void*(int64_t bytes, const char* what)> scratch;
+};
 
 // c[i * N + j] = dot(A row i, B column j) for i < M, j < N, where B(k, j) is
 // b[k * b_stride_k + j * b_stride_n]. The stochastic generator's
 // element index of c[i * N + j] is element_offset + i * N + j, or with params.groups > 1
 // element_offset + i * N * groups + group * N + j (see AccumParams::group).
-void AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
+// Returns false, having written nothing, when scratch memory could not be allocated.
+//
+// Scratch: B as float32 (K * N values, none when b is already float32 rows of a whole
+// number of tiles) and one A panel of min(M, kMaxPanelRows) x K binary64 values per
+// worker that runs.
+bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
-                    const ParallelFor& parallel_for);
+                    const EngineContext& context);
 
 // Elementwise quantization (tfaccum.quantize): element index is the flat index.
 void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
-                   int32_t rounding, uint64_t seed, const ParallelFor& parallel_for);
+                   int32_t rounding, uint64_t seed, const EngineContext& context);
 
 }  // namespace tfaccum
 

@@ -21,7 +21,9 @@ inline absl::Status ParseRounding(const std::string& name, int32_t* rounding) {
   return absl::OkStatus();
 }
 
-// `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf].
+// `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf]. Each is checked
+// as the int64 it arrives as, so that a message names the field, its value and its
+// range (rather than a value that no longer fits the int32 fields).
 inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& values,
                                 Format* format) {
   if (values.size() != 4) {
@@ -29,13 +31,23 @@ inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& va
         std::string(attr) + " must be [exponent_bits, mantissa_bits, subnormals, "
         "overflow_inf] (4 integers), got " + std::to_string(values.size()) + " values");
   }
+  static const struct {
+    const char* name;
+    int64_t lo, hi;
+  } kFields[4] = {{"exponent_bits", 2, 8},
+                  {"mantissa_bits", 0, 23},
+                  {"subnormals", 0, 1},
+                  {"overflow_inf (0: saturate, 1: inf)", 0, 1}};
+  for (int i = 0; i < 4; ++i) {
+    if (values[i] < kFields[i].lo || values[i] > kFields[i].hi)
+      return absl::InvalidArgumentError(
+          std::string(attr) + ": " + kFields[i].name + " must be in " +
+          std::to_string(kFields[i].lo) + ".." + std::to_string(kFields[i].hi) + ", got " +
+          std::to_string(values[i]));
+  }
   *format = Format{static_cast<int32_t>(values[0]), static_cast<int32_t>(values[1]),
                    static_cast<int32_t>(values[2]), static_cast<int32_t>(values[3])};
-  if (values[0] != format->exponent_bits || values[1] != format->mantissa_bits ||
-      values[2] != format->subnormals || values[3] != format->overflow_inf) {
-    return absl::InvalidArgumentError(std::string(attr) + ": value out of range");
-  }
-  if (const char* problem = validate_format(*format)) {
+  if (const char* problem = validate_format(*format)) {  // the CUDA launchers' rule too
     return absl::InvalidArgumentError(std::string(attr) + ": " + problem);
   }
   return absl::OkStatus();
@@ -103,15 +115,58 @@ inline absl::Status WithStep(tensorflow::OpKernelContext* ctx, AccumParams param
   return absl::OkStatus();
 }
 
-// Adapts TensorFlow's CPU thread pool to the engine's ParallelFor.
-inline ParallelFor CpuParallelFor(tensorflow::OpKernelContext* ctx) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  return [pool](int64_t total, int64_t cost_per_unit,
-                const std::function<void(int64_t, int64_t)>& body) {
-    if (total <= 0) return;
-    pool->ParallelFor(total, cost_per_unit, body);
-  };
-}
+// The engine's context for one CPU kernel call: TensorFlow's intra-op threads, and
+// scratch memory from allocate_temp (TensorFlow's allocator, accounted like any
+// temporary and released when the kernel returns). A failed allocation becomes
+// ResourceExhausted naming the op and the size, where a std::vector would throw
+// std::bad_alloc and kill the process.
+class CpuEngine {
+ public:
+  explicit CpuEngine(tensorflow::OpKernelContext* ctx) : ctx_(ctx) {
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    // ParallelForWithWorkerId numbers workers 0 .. NumThreads() (the caller included).
+    context_.workers = pool->NumThreads() + 1;
+    context_.parallel_for = [pool](int64_t total, int64_t cost_per_unit,
+                                   const std::function<void(int64_t, int64_t, int)>& body) {
+      if (total <= 0) return;
+      pool->ParallelForWithWorkerId(
+          total, tensorflow::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit),
+          body);
+    };
+    context_.scratch = [this](int64_t bytes, const char* what) -> void* {
+      return Allocate(bytes, what);
+    };
+  }
+  CpuEngine(const CpuEngine&) = delete;
+  CpuEngine& operator=(const CpuEngine&) = delete;
+
+  const EngineContext& context() const { return context_; }
+
+  // Why the engine returned false (or a scratch() call gave nullptr).
+  const absl::Status& failure() const { return failure_; }
+
+ private:
+  void* Allocate(int64_t bytes, const char* what) {
+    tensorflow::TensorShape shape;
+    absl::Status status = tensorflow::TensorShape::BuildTensorShape({bytes}, &shape);
+    scratch_.emplace_back();
+    if (status.ok()) status = ctx_->allocate_temp(tensorflow::DT_INT8, shape, &scratch_.back());
+    if (!status.ok()) {
+      failure_ = absl::ResourceExhaustedError(
+          ctx_->op_kernel().type_string() + " '" + ctx_->op_kernel().name() +
+          "': out of memory for " + std::to_string(bytes) + " bytes of scratch (" + what +
+          "): " + std::string(status.message()));
+      scratch_.pop_back();
+      return nullptr;
+    }
+    return scratch_.back().flat<int8_t>().data();
+  }
+
+  tensorflow::OpKernelContext* ctx_;
+  std::vector<tensorflow::Tensor> scratch_;
+  absl::Status failure_;
+  EngineContext context_;
+};
 
 }  // namespace tfaccum
 

@@ -4,8 +4,6 @@
 // (input gradient), zero where a tap falls outside (§5).
 #define EIGEN_USE_THREADS
 
-#include <vector>
-
 #include "tensorflow/core/framework/op_kernel.h"
 #include "op_frontends.h"
 
@@ -40,8 +38,10 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
     }
   };
   // B(k = (ky, kx, ci), co) is the filter in its own layout.
-  AccumulateGemm(params, M, N, K, gather, w.flat<float>().data(), N, 1,
-                 y->flat<float>().data(), 0, CpuParallelFor(ctx));
+  CpuEngine engine(ctx);
+  if (!AccumulateGemm(params, M, N, K, gather, w.flat<float>().data(), N, 1,
+                      y->flat<float>().data(), 0, engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 
@@ -54,13 +54,22 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
   const int64_t M = g.batch * g.in_h * g.in_w, K = g.input_grad_length(), N = g.in_c;
 
   // B(k = (ky, kx, co), ci) = w[ky, kx, ci, co]: the filter with its last two axes swapped.
-  const int64_t taps = g.k_h * g.k_w;
-  std::vector<float> w_swapped(static_cast<size_t>(taps * g.in_c * g.out_c));
-  const float* wd = w.flat<float>().data();
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t ci = 0; ci < g.in_c; ++ci)
-      for (int64_t co = 0; co < g.out_c; ++co)
-        w_swapped[(t * g.out_c + co) * g.in_c + ci] = wd[(t * g.in_c + ci) * g.out_c + co];
+  // An empty filter here means Cout = 0 (dx is not empty, so Cin > 0): the sums are empty
+  // and B is never read. The swap is skipped then, because its loop over the KH * KW taps
+  // would run even with nothing to copy (a filter [2^30, 2^30, 1, 0] is a valid tensor).
+  CpuEngine engine(ctx);
+  float* w_swapped = nullptr;
+  if (w.NumElements() > 0) {
+    const int64_t taps = g.k_h * g.k_w;  // fits: w has taps * Cin * Cout elements
+    w_swapped = static_cast<float*>(
+        engine.context().scratch(w.NumElements() * 4, "the transposed filter"));
+    if (w_swapped == nullptr) return engine.failure();
+    const float* wd = w.flat<float>().data();
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t ci = 0; ci < g.in_c; ++ci)
+        for (int64_t co = 0; co < g.out_c; ++co)
+          w_swapped[(t * g.out_c + co) * g.in_c + ci] = wd[(t * g.in_c + ci) * g.out_c + co];
+  }
 
   const float* dyd = dy.flat<float>().data();
   RowGather gather = [g, dyd, K](int64_t row0, int64_t rows, double* panel) {
@@ -80,8 +89,9 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
       }
     }
   };
-  AccumulateGemm(params, M, N, K, gather, w_swapped.data(), N, 1, dx->flat<float>().data(),
-                 0, CpuParallelFor(ctx));
+  if (!AccumulateGemm(params, M, N, K, gather, w_swapped, N, 1, dx->flat<float>().data(), 0,
+                      engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 
@@ -113,8 +123,10 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
           }
   };
   // B(k = (b, oy, ox), co) is out_backprop in its own layout.
-  AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,
-                 dw->flat<float>().data(), 0, CpuParallelFor(ctx));
+  CpuEngine engine(ctx);
+  if (!AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,
+                      dw->flat<float>().data(), 0, engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 

@@ -15,8 +15,9 @@ template <>
 absl::Status LaunchQuantize<CpuDevice>(OpKernelContext* ctx, const FormatParams& format,
                                        int32_t rounding, uint64_t seed, const Tensor& x,
                                        Tensor* y) {
+  CpuEngine engine(ctx);
   QuantizeArray(x.flat<float>().data(), y->flat<float>().data(), x.NumElements(), format,
-                rounding, seed, CpuParallelFor(ctx));
+                rounding, seed, engine.context());
   return absl::OkStatus();
 }
 
@@ -35,8 +36,10 @@ absl::Status LaunchMatMul<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
   };
   const int64_t b_stride_k = transpose_b ? 1 : N;
   const int64_t b_stride_n = transpose_b ? K : 1;
-  AccumulateGemm(params, M, N, K, gather, b.flat<float>().data(), b_stride_k, b_stride_n,
-                 c->flat<float>().data(), 0, CpuParallelFor(ctx));
+  CpuEngine engine(ctx);
+  if (!AccumulateGemm(params, M, N, K, gather, b.flat<float>().data(), b_stride_k, b_stride_n,
+                      c->flat<float>().data(), 0, engine.context()))
+    return engine.failure();
   return absl::OkStatus();
 }
 

@@ -21,6 +21,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "../conv_geometry.h"
+#include "../shape_checks.h"
 #include "accum_attrs.h"
 
 namespace tfaccum {
@@ -66,45 +67,9 @@ absl::Status LaunchConv2DBackpropFilter(tensorflow::OpKernelContext* ctx,
                                         const tensorflow::Tensor& x,
                                         const tensorflow::Tensor& dy, tensorflow::Tensor* dw);
 
-// ---- Validation helpers ---------------------------------------------------------------
-
-// The logical sizes of c[M, N] = op(a) . op(b), or an error when a or b is not a matrix
-// or the inner dimensions differ.
-inline absl::Status MatMulDimensions(const tensorflow::TensorShape& a,
-                                     const tensorflow::TensorShape& b, bool transpose_a,
-                                     bool transpose_b, int64_t* M, int64_t* N, int64_t* K) {
-  if (a.dims() != 2)
-    return absl::InvalidArgumentError("a must be a matrix (rank 2), got shape " +
-                                      a.DebugString());
-  if (b.dims() != 2)
-    return absl::InvalidArgumentError("b must be a matrix (rank 2), got shape " +
-                                      b.DebugString());
-  *M = a.dim_size(transpose_a ? 1 : 0);
-  *K = a.dim_size(transpose_a ? 0 : 1);
-  const int64_t K_b = b.dim_size(transpose_b ? 1 : 0);
-  *N = b.dim_size(transpose_b ? 0 : 1);
-  if (*K != K_b)
-    return absl::InvalidArgumentError(
-        "inner dimensions differ: a " + a.DebugString() +
-        (transpose_a ? " (transposed)" : "") + " has " + std::to_string(*K) + ", b " +
-        b.DebugString() + (transpose_b ? " (transposed)" : "") + " has " +
-        std::to_string(K_b));
-  return absl::OkStatus();
-}
-
-// A 4-element int32 shape input (input_sizes, filter_sizes; HostMemory on the GPU).
-inline absl::Status ShapeFromSizesTensor(const char* what, const tensorflow::Tensor& sizes,
-                                         tensorflow::TensorShape* shape) {
-  if (sizes.dims() != 1 || sizes.NumElements() != 4)
-    return absl::InvalidArgumentError(std::string(what) +
-                                      " must be a 4-element int32 vector, got shape " +
-                                      sizes.shape().DebugString());
-  auto v = sizes.vec<int32_t>();
-  for (int i = 0; i < 4; ++i)
-    if (v(i) < 0) return absl::InvalidArgumentError(std::string(what) + " must be non-negative");
-  *shape = tensorflow::TensorShape({v(0), v(1), v(2), v(3)});
-  return absl::OkStatus();
-}
+// ---- Validation ------------------------------------------------------------------
+// MatMulDimensions, ShapeFromSizesTensor, ConvGeometryFromShapes, CheckOutBackprop and
+// BuildShape live in ../shape_checks.h, shared with the shape functions.
 
 // ---- The kernels ----------------------------------------------------------------------
 
@@ -159,8 +124,10 @@ class MatMulOp : public tensorflow::OpKernel {
     int64_t M = 0, N = 0, K = 0;
     OP_REQUIRES_OK(ctx, MatMulDimensions(a.shape(), b.shape(), transpose_a_, transpose_b_,
                                          &M, &N, &K));
+    tensorflow::TensorShape c_shape;
+    OP_REQUIRES_OK(ctx, BuildShape("the output shape", {M, N}, &c_shape));
     tensorflow::Tensor* c = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({M, N}), &c));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, c_shape, &c));
     if (M == 0 || N == 0) return;
     OP_REQUIRES_OK(ctx, LaunchMatMul<Device>(ctx, params, M, N, K, transpose_a_,
                                              transpose_b_, a, b, c));
@@ -177,29 +144,13 @@ class ConvOpBase : public tensorflow::OpKernel {
   explicit ConvOpBase(tensorflow::OpKernelConstruction* ctx) : OpKernel(ctx) {
     std::vector<int32_t> strides, dilations;
     std::string padding;
+    std::vector<int64_t> explicit_paddings;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("strides", &strides));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dilations", &dilations));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("padding", &padding));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("explicit_paddings", &explicit_paddings_));
-    OP_REQUIRES(ctx, strides.size() == 2,
-                absl::InvalidArgumentError("strides must have 2 entries (height, width)"));
-    OP_REQUIRES(ctx, dilations.size() == 2,
-                absl::InvalidArgumentError("dilations must have 2 entries (height, width)"));
-    OP_REQUIRES(ctx, strides[0] > 0 && strides[1] > 0,
-                absl::InvalidArgumentError("strides must be positive"));
-    OP_REQUIRES(ctx, dilations[0] > 0 && dilations[1] > 0,
-                absl::InvalidArgumentError("dilations must be positive"));
-    stride_h_ = strides[0], stride_w_ = strides[1];
-    dilation_h_ = dilations[0], dilation_w_ = dilations[1];
-    padding_ = padding == "SAME" ? kPaddingSame
-               : padding == "VALID" ? kPaddingValid : kPaddingExplicit;
-    if (padding_ == kPaddingExplicit) {
-      OP_REQUIRES(ctx, explicit_paddings_.size() == 4,
-                  absl::InvalidArgumentError(
-                      "explicit_paddings must be [top, bottom, left, right] with EXPLICIT padding"));
-    } else {
-      explicit_paddings_.assign(4, 0);
-    }
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("explicit_paddings", &explicit_paddings));
+    OP_REQUIRES_OK(ctx, ParseConvAttrs(strides, dilations, padding, explicit_paddings,
+                                       &attrs_));
     OP_REQUIRES_OK(ctx, ReadAccumParams(ctx, &params_));
     // One group of a grouped convolution: only the stochastic element indices change.
     OP_REQUIRES_OK(ctx, ctx->GetAttr("group", &params_.group));
@@ -214,39 +165,10 @@ class ConvOpBase : public tensorflow::OpKernel {
   // Validates the input and filter shapes and computes the geometry.
   absl::Status Geometry(const tensorflow::TensorShape& input,
                         const tensorflow::TensorShape& filter, ConvGeometry* g) const {
-    if (input.dims() != 4)
-      return absl::InvalidArgumentError("input must be NHWC (rank 4), got shape " +
-                                        input.DebugString());
-    if (filter.dims() != 4)
-      return absl::InvalidArgumentError("filter must be [KH, KW, Cin, Cout] (rank 4), got "
-                                        "shape " + filter.DebugString());
-    if (input.dim_size(3) != filter.dim_size(2))
-      return absl::InvalidArgumentError(
-          "channel mismatch: input has " + std::to_string(input.dim_size(3)) +
-          " channels, filter expects " + std::to_string(filter.dim_size(2)));
-    if (const char* e = MakeConvGeometry(
-            input.dim_size(0), input.dim_size(1), input.dim_size(2), input.dim_size(3),
-            filter.dim_size(0), filter.dim_size(1), filter.dim_size(3), stride_h_, stride_w_,
-            dilation_h_, dilation_w_, padding_, explicit_paddings_.data(), g)) {
-      return absl::InvalidArgumentError(std::string(e) + " (input " + input.DebugString() +
-                                        ", filter " + filter.DebugString() + ")");
-    }
-    return absl::OkStatus();
+    return ConvGeometryFromShapes(attrs_, input, filter, g);
   }
 
-  // out_backprop must have the shape of the forward output.
-  static absl::Status CheckOutBackprop(const ConvGeometry& g, const tensorflow::Tensor& dy) {
-    const tensorflow::TensorShape expected({g.batch, g.out_h, g.out_w, g.out_c});
-    if (dy.shape() != expected)
-      return absl::InvalidArgumentError("out_backprop has shape " + dy.shape().DebugString() +
-                                        ", the convolution's output has " +
-                                        expected.DebugString());
-    return absl::OkStatus();
-  }
-
-  int64_t stride_h_ = 1, stride_w_ = 1, dilation_h_ = 1, dilation_w_ = 1;
-  ConvPadding padding_ = kPaddingSame;
-  std::vector<int64_t> explicit_paddings_;
+  ConvAttrs attrs_;
   AccumParams params_;
 };
 
@@ -263,10 +185,11 @@ class Conv2DOp : public ConvOpBase {
     OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(x.shape(), w.shape(), &g));
+    tensorflow::TensorShape y_shape;  // checked representable by Geometry
+    OP_REQUIRES_OK(ctx, BuildShape("the convolution's output shape",
+                                   {g.batch, g.out_h, g.out_w, g.out_c}, &y_shape));
     tensorflow::Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, tensorflow::TensorShape({g.batch, g.out_h, g.out_w, g.out_c}),
-                            &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     if (y->NumElements() == 0) return;
     OP_REQUIRES_OK(ctx, LaunchConv2D<Device>(ctx, params, g, x, w, y));
   }
@@ -287,7 +210,7 @@ class Conv2DBackpropInputOp : public ConvOpBase {
     OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(input_shape, w.shape(), &g));
-    OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy));
+    OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy.shape()));
     tensorflow::Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, input_shape, &dx));
     if (dx->NumElements() == 0) return;
@@ -310,7 +233,7 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
     OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
     ConvGeometry g;
     OP_REQUIRES_OK(ctx, Geometry(x.shape(), filter_shape, &g));
-    OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy));
+    OP_REQUIRES_OK(ctx, CheckOutBackprop(g, dy.shape()));
     tensorflow::Tensor* dw = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, filter_shape, &dw));
     if (dw->NumElements() == 0) return;

@@ -4,12 +4,26 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "../conv_geometry.h"
+#include "../shape_checks.h"
 
 namespace tfaccum {
 
 using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+// The shape behind a handle when every dimension is known and TensorFlow can represent
+// it; then the shape function runs the kernel's own checks (shape_checks.h) on it.
+bool KnownShape(InferenceContext* c, ShapeHandle s, tensorflow::TensorShape* out) {
+  if (!c->FullyDefined(s)) return false;
+  std::vector<int64_t> dims(c->Rank(s));
+  for (int i = 0; i < c->Rank(s); ++i) dims[i] = c->Value(c->Dim(s, i));
+  return tensorflow::TensorShape::BuildTensorShape(dims, out).ok();
+}
+
+}  // namespace
 
 // Every accumulating op takes the same configuration attributes (tfaccum.AccumConfig):
 // a format is [exponent_bits, mantissa_bits, subnormals, overflow_inf]; an empty
@@ -47,12 +61,22 @@ REGISTER_OP("TfaccumMatMul")
     .Attr("transpose_b: bool = false")
     .TFACCUM_ACCUM_ATTRS
     .SetShapeFn([](InferenceContext* c) {
-      ShapeHandle a, b;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &b));
       bool transpose_a, transpose_b;
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_a", &transpose_a));
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_b", &transpose_b));
+      tensorflow::TensorShape a_known, b_known;
+      if (KnownShape(c, c->input(0), &a_known) && KnownShape(c, c->input(1), &b_known)) {
+        int64_t M, N, K;  // the kernel's checks and messages
+        TF_RETURN_IF_ERROR(
+            MatMulDimensions(a_known, b_known, transpose_a, transpose_b, &M, &N, &K));
+        tensorflow::TensorShape out;
+        TF_RETURN_IF_ERROR(BuildShape("the output shape", {M, N}, &out));
+        c->set_output(0, c->Matrix(M, N));
+        return absl::OkStatus();
+      }
+      ShapeHandle a, b;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &b));
       DimensionHandle m = c->Dim(a, transpose_a ? 1 : 0);
       DimensionHandle k_a = c->Dim(a, transpose_a ? 0 : 1);
       DimensionHandle k_b = c->Dim(b, transpose_b ? 1 : 0);
@@ -78,67 +102,94 @@ REGISTER_OP("TfaccumMatMul")
 
 namespace {
 
-absl::Status ReadConvAttrs(InferenceContext* c, int64_t* sh, int64_t* sw, int64_t* dh,
-                           int64_t* dw, ConvPadding* padding, std::vector<int64_t>* pads) {
+absl::Status ReadConvAttrs(InferenceContext* c, ConvAttrs* attrs) {
   std::vector<int32_t> strides, dilations;
-  std::string mode;
+  std::string padding;
+  std::vector<int64_t> explicit_paddings;
   TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
   TF_RETURN_IF_ERROR(c->GetAttr("dilations", &dilations));
-  TF_RETURN_IF_ERROR(c->GetAttr("padding", &mode));
-  TF_RETURN_IF_ERROR(c->GetAttr("explicit_paddings", pads));
-  if (strides.size() != 2 || dilations.size() != 2)
-    return absl::InvalidArgumentError("strides and dilations must have 2 entries (h, w)");
-  *sh = strides[0], *sw = strides[1], *dh = dilations[0], *dw = dilations[1];
-  *padding = mode == "SAME" ? kPaddingSame : mode == "VALID" ? kPaddingValid : kPaddingExplicit;
-  if (*padding == kPaddingExplicit && pads->size() != 4)
-    return absl::InvalidArgumentError("explicit_paddings must be [top, bottom, left, right]");
-  if (*padding != kPaddingExplicit) pads->assign(4, 0);
-  return absl::OkStatus();
+  TF_RETURN_IF_ERROR(c->GetAttr("padding", &padding));
+  TF_RETURN_IF_ERROR(c->GetAttr("explicit_paddings", &explicit_paddings));
+  return ParseConvAttrs(strides, dilations, padding, explicit_paddings, attrs);
 }
 
-// One output spatial size, or unknown when the input size is unknown.
-absl::Status OutputDim(InferenceContext* c, DimensionHandle in, int64_t k, int64_t stride,
-                       int64_t dilation, ConvPadding padding, int64_t before, int64_t after,
-                       DimensionHandle* out) {
-  if (!c->ValueKnown(in) || k < 0) {
+// One output spatial size when the input size and kernel size are known, else unknown.
+// The messages are the kernel's (conv_geometry.h), with the same operand suffix.
+absl::Status OutputDim(InferenceContext* c, int axis, ShapeHandle x, ShapeHandle w,
+                       const ConvAttrs& attrs, DimensionHandle* out) {
+  DimensionHandle in = c->Dim(x, 1 + axis), k = c->Dim(w, axis);
+  if (!c->ValueKnown(in) || !c->ValueKnown(k)) {
     *out = c->UnknownDim();
     return absl::OkStatus();
   }
   int64_t size = 0, pad = 0;
-  if (stride <= 0 || dilation <= 0)
-    return absl::InvalidArgumentError("strides and dilations must be positive");
-  if (const char* e = WindowedOutputSize(c->Value(in), k, stride, dilation, padding, before,
-                                         after, &size, &pad))
-    return absl::InvalidArgumentError(e);
+  const int64_t* pads = attrs.explicit_paddings.data() + 2 * axis;
+  if (const char* e = WindowedOutputSize(
+          axis, c->Value(in), c->Value(k), axis ? attrs.stride_w : attrs.stride_h,
+          axis ? attrs.dilation_w : attrs.dilation_h, attrs.padding, pads[0], pads[1], &size,
+          &pad))
+    return absl::InvalidArgumentError(e + OperandsSuffix(c->DebugString(x), c->DebugString(w)));
   *out = c->MakeDim(size);
   return absl::OkStatus();
 }
 
 absl::Status Conv2DShape(InferenceContext* c) {
+  ConvAttrs attrs;
+  TF_RETURN_IF_ERROR(ReadConvAttrs(c, &attrs));
+  tensorflow::TensorShape x_known, w_known;
+  if (KnownShape(c, c->input(0), &x_known) && KnownShape(c, c->input(1), &w_known)) {
+    ConvGeometry g;  // exactly the kernel's validation
+    TF_RETURN_IF_ERROR(ConvGeometryFromShapes(attrs, x_known, w_known, &g));
+    c->set_output(0, c->MakeShape({g.batch, g.out_h, g.out_w, g.out_c}));
+    return absl::OkStatus();
+  }
   ShapeHandle x, w;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
   TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &w));
   DimensionHandle unused;
   TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 3), c->Dim(w, 2), &unused));
-  int64_t sh = 1, sw = 1, dh = 1, dw = 1;
-  ConvPadding padding = kPaddingSame;
-  std::vector<int64_t> pads;
-  TF_RETURN_IF_ERROR(ReadConvAttrs(c, &sh, &sw, &dh, &dw, &padding, &pads));
-  const int64_t kh = c->ValueKnown(c->Dim(w, 0)) ? c->Value(c->Dim(w, 0)) : -1;
-  const int64_t kw = c->ValueKnown(c->Dim(w, 1)) ? c->Value(c->Dim(w, 1)) : -1;
   DimensionHandle oh, ow;
-  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 1), kh, sh, dh, padding, pads[0], pads[1], &oh));
-  TF_RETURN_IF_ERROR(OutputDim(c, c->Dim(x, 2), kw, sw, dw, padding, pads[2], pads[3], &ow));
+  TF_RETURN_IF_ERROR(OutputDim(c, 0, x, w, attrs, &oh));
+  TF_RETURN_IF_ERROR(OutputDim(c, 1, x, w, attrs, &ow));
   c->set_output(0, c->MakeShape({c->Dim(x, 0), oh, ow, c->Dim(w, 3)}));
   return absl::OkStatus();
 }
 
-// The backprop ops output a tensor of the shape given by their int32 size input.
-absl::Status ShapeFromSizes(InferenceContext* c, int sizes_input) {
-  ShapeHandle s;
-  TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(sizes_input, &s));
-  TF_RETURN_IF_ERROR(c->WithRank(s, 4, &s));
-  c->set_output(0, s);
+// The backprop ops output a tensor of the shape given by their size input (int32, or
+// int64 for dimensions of 2^31 and more: the gradient functions pass int64). When that
+// input is a constant and the other operands' shapes are known, the shape function
+// runs the kernel's checks, so a graph fails where the eager op would.
+absl::Status BackpropShape(InferenceContext* c, int sizes_input, const char* sizes_name) {
+  const tensorflow::Tensor* sizes = c->input_tensor(sizes_input);
+  if (sizes == nullptr) {
+    // Not a constant (or not evaluated yet: TensorFlow reruns the function once it has
+    // evaluated a requested constant input). What is known of it becomes the shape; a
+    // value it cannot take as a shape is left to the run above or to the kernel, so that
+    // it is reported with the kernel's message rather than a generic one. (One exception:
+    // for a constant with a value below -1, TensorFlow's own conversion of the requested
+    // partial shape fails first, with "Invalid value in tensor used for shape".)
+    ShapeHandle s;
+    if (!c->MakeShapeFromShapeTensor(sizes_input, &s).ok() || !c->WithRank(s, 4, &s).ok())
+      s = c->UnknownShapeOfRank(4);
+    c->set_output(0, s);
+    return absl::OkStatus();
+  }
+  tensorflow::TensorShape shape;
+  TF_RETURN_IF_ERROR(ShapeFromSizesTensor(sizes_name, *sizes, &shape));
+  ConvAttrs attrs;
+  TF_RETURN_IF_ERROR(ReadConvAttrs(c, &attrs));
+  const int other = sizes_input == 0 ? 1 : 0;  // the filter (input grad) or input (filter grad)
+  tensorflow::TensorShape other_known, dy_known;
+  if (KnownShape(c, c->input(other), &other_known)) {
+    ConvGeometry g;
+    TF_RETURN_IF_ERROR(sizes_input == 0 ? ConvGeometryFromShapes(attrs, shape, other_known, &g)
+                                        : ConvGeometryFromShapes(attrs, other_known, shape, &g));
+    if (KnownShape(c, c->input(2), &dy_known))
+      TF_RETURN_IF_ERROR(CheckOutBackprop(g, dy_known));
+  }
+  ShapeHandle out;
+  TF_RETURN_IF_ERROR(c->MakeShapeFromTensorShape(shape, &out));
+  c->set_output(0, out);
   return absl::OkStatus();
 }
 
@@ -155,25 +206,27 @@ REGISTER_OP("TfaccumConv2D")
     .Doc("NHWC convolution; y[b,oy,ox,co] sums (ky, kx, ci) in row-major order.");
 
 REGISTER_OP("TfaccumConv2DBackpropInput")
-    .Input("input_sizes: int32")
+    .Input("input_sizes: Tsizes")
     .Input("filter: float")
     .Input("out_backprop: float")
     .Input("step: int64")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
-    .SetShapeFn([](InferenceContext* c) { return ShapeFromSizes(c, 0); })
+    .Attr("Tsizes: {int32, int64} = DT_INT32")
+    .SetShapeFn([](InferenceContext* c) { return BackpropShape(c, 0, "input_sizes"); })
     .Doc("Input gradient; dx[b,iy,ix,ci] sums (ky, kx, co) in row-major order.");
 
 REGISTER_OP("TfaccumConv2DBackpropFilter")
     .Input("input: float")
-    .Input("filter_sizes: int32")
+    .Input("filter_sizes: Tsizes")
     .Input("out_backprop: float")
     .Input("step: int64")
     .Output("output: float")
     .TFACCUM_CONV_ATTRS
     .TFACCUM_ACCUM_ATTRS
-    .SetShapeFn([](InferenceContext* c) { return ShapeFromSizes(c, 1); })
+    .Attr("Tsizes: {int32, int64} = DT_INT32")
+    .SetShapeFn([](InferenceContext* c) { return BackpropShape(c, 1, "filter_sizes"); })
     .Doc("Filter gradient; dw[ky,kx,ci,co] sums (b, oy, ox) in row-major order.");
 
 }  // namespace tfaccum

@@ -1,6 +1,6 @@
 r"""Train a network with narrow accumulators and compare it with its float32 baseline.
 
-    python -m tfaccum.train --experiment=tightness          # digits, < 5 min on 2 cores
+    python -m tfaccum.train --experiment=tightness          # digits, ~3.5 min on 2 cores
     python -m tfaccum.train --flagfile=examples/resnet32_cifar10.flags \
         --data_dir=~/tensorflow_datasets
     tensorboard --logdir /tmp/tfaccum/digits_cnn_digits

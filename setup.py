@@ -27,6 +27,11 @@ class BuildOpLibrary(build_ext):
         if self.inplace:
             out_path = os.path.join(ops_build.ROOT, "tfaccum", os.path.basename(out_path))
         ops_build.build_library(out_path, cuda=ops_build.cuda_requested(), verbose=True)
+        # An editable install (PEP 660) builds in a temporary directory and copies only the
+        # library into the source tree: its TensorFlow-version record must be there too.
+        in_tree = os.path.join(ops_build.ROOT, "tfaccum", os.path.basename(out_path))
+        if os.path.abspath(in_tree) != os.path.abspath(out_path):
+            ops_build.write_version_record(in_tree)
 
     def get_ext_filename(self, ext_name):
         # A plain shared library loaded by tf.load_op_library, not a Python extension.

@@ -247,8 +247,8 @@ class Experiment:
         if base is None:
             t0 = time.time()
             seed = self.settings.seed
-            base = pol.predict_plan(self.settings, data_lib.load(self.settings, seed),
-                                    spec.chunk_size, self.replica_batch, seed)
+            base = pol.predict_plan(self.settings, self.data_for(seed), spec.chunk_size,
+                                    self.replica_batch, seed)
             self._plans[spec.chunk_size] = base
             self.log(f"predicted accumulator precision (batch {self.replica_batch} per "
                      f"replica, chunk {spec.chunk_size or 'none'}, network and batches of "

@@ -1,13 +1,16 @@
 """Speed of the tfaccum kernels relative to native TensorFlow, measured in one run.
 
-    python examples/benchmark.py                 # matmul and conv tables
-    python examples/benchmark.py --only=matmul   # or --only=conv
+    python examples/benchmark.py                 # matmul, conv and training-step tables
+    python examples/benchmark.py --only=matmul   # or --only=conv, --only=step
     python examples/benchmark.py --repeats=5
+    TFACCUM_ENGINE_ISA=avx2 python examples/benchmark.py   # another engine path
 
 Every figure is a median wall time over --repeats runs after a warm-up, on this machine,
 in this process; ratios are tfaccum / native for the same shapes and pass. The NumPy
 column is a straightforward NumPy emulation that loops over k and rounds the whole output
-after each addition (what one writes without tfaccum).
+after each addition (what one writes without tfaccum). "FP8" rows round both operands to
+E5M2 first, inside the timed call (the paper's setting; the engine then adds in binary32
+lanes, tfaccum/engine.py); "float32" rows take the operands as they are.
 """
 
 import argparse
@@ -20,7 +23,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfaccum  # noqa: E402
-from tfaccum import AccumConfig, AccumPolicy, FloatFormat  # noqa: E402
+from tfaccum import AccumConfig, AccumPolicy, FloatFormat, engine  # noqa: E402
+
+FP8 = FloatFormat(5, 2)  # E5M2 operands, as in the paper
 
 
 def median_time(fn, repeats):
@@ -47,8 +52,9 @@ def bench_matmul(repeats, numpy_limit):
     shapes = [(256, 256, 256), (512, 512, 512), (1024, 4096, 256)]
     rng = np.random.default_rng(0)
     print("\n## matmul (time in ms; ratio = tfaccum / tf.matmul float32)\n")
-    print("| M x K x N | accumulator | chunk | tf.matmul | tfaccum | ratio | NumPy loop | vs NumPy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| M x K x N | operands | accumulator | chunk | tf.matmul | tfaccum | ratio | NumPy loop "
+          "| vs NumPy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for M, K, N in shapes:
         a = tf.constant(rng.standard_normal((M, K)), tf.float32)
         b = tf.constant(rng.standard_normal((K, N)), tf.float32)
@@ -58,14 +64,16 @@ def bench_matmul(repeats, numpy_limit):
             numpy_time = None
             if M * K * N <= numpy_limit:
                 numpy_time = median_time(lambda: numpy_emulation(np_a, np_b, m), 1)
-            for chunk in (0, 64):
-                cfg = AccumConfig(accumulator=FloatFormat(8, m), chunk_size=chunk)
-                t = median_time(lambda: tfaccum.accum_matmul(a, b, cfg).numpy(), repeats)
-                np_cols = ("-", "-") if numpy_time is None else (
-                    f"{numpy_time * 1e3:.0f}", f"{numpy_time / t:.0f}x faster")
-                print(f"| {M}x{K}x{N} | e8m{m} | {chunk or 'seq'} | {native * 1e3:.2f} | "
-                      f"{t * 1e3:.1f} | {t / native:.1f} | {np_cols[0]} | {np_cols[1]} |",
-                      flush=True)
+            for operands in (None, FP8) if m <= 21 else (None,):
+                for chunk in (0, 64):
+                    cfg = AccumConfig(accumulator=FloatFormat(8, m), chunk_size=chunk)
+                    policy = AccumPolicy.uniform(cfg, operands=operands)
+                    t = median_time(lambda: tfaccum.accum_matmul(a, b, policy).numpy(), repeats)
+                    np_cols = ("-", "-") if numpy_time is None or operands else (
+                        f"{numpy_time * 1e3:.0f}", f"{numpy_time / t:.0f}x faster")
+                    print(f"| {M}x{K}x{N} | {'FP8' if operands else 'float32'} | e8m{m} | "
+                          f"{chunk or 'seq'} | {native * 1e3:.2f} | {t * 1e3:.1f} | "
+                          f"{t / native:.1f} | {np_cols[0]} | {np_cols[1]} |", flush=True)
 
 
 CONV_LAYERS = [
@@ -79,38 +87,85 @@ CONV_LAYERS = [
 def bench_conv(repeats):
     rng = np.random.default_rng(1)
     cfg = AccumConfig(accumulator=FloatFormat(8, 10))
-    policy = AccumPolicy.uniform(cfg)
     lib = tfaccum.ops.load_library()
     attrs = dict(strides=[1, 1], dilations=[1, 1], padding="SAME", explicit_paddings=[])
     attrs.update(cfg.kernel_attrs())
     print("\n## conv2d 3x3, SAME, e8m10 accumulator (time in ms; ratio = tfaccum / native TF)\n")
-    print("| layer | batch, HxW, Cin->Cout | pass | native | tfaccum | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | batch, HxW, Cin->Cout | pass | native | float32 operands | ratio "
+          "| FP8 operands | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, batch, hw, cin, cout in CONV_LAYERS:
         x = tf.constant(rng.standard_normal((batch, hw, hw, cin)), tf.float32)
         w = tf.constant(rng.standard_normal((3, 3, cin, cout)) * 0.1, tf.float32)
         dy = tf.constant(rng.standard_normal((batch, hw, hw, cout)), tf.float32)
         x_shape, w_shape = tf.constant(x.shape, tf.int32), tf.constant(w.shape, tf.int32)
-        passes = [
-            ("forward", lambda: tf.nn.conv2d(x, w, 1, "SAME").numpy(),
-             lambda: tfaccum.accum_conv2d(x, w, policy).numpy()),
-            ("input grad", lambda: tf.compat.v1.nn.conv2d_backprop_input(
+
+        def ours(pass_name, operands):
+            # The operands are rounded inside the timed call, as the layers do.
+            q = (lambda t: t) if operands is None else (lambda t: tfaccum.quantize(t, operands))
+            policy = AccumPolicy.uniform(cfg, operands=operands)
+            return {
+                "forward": lambda: tfaccum.accum_conv2d(x, w, policy).numpy(),
+                "input grad": lambda: lib.tfaccum_conv2d_backprop_input(
+                    x_shape, q(w), q(dy), 0, **attrs).numpy(),
+                "filter grad": lambda: lib.tfaccum_conv2d_backprop_filter(
+                    q(x), w_shape, q(dy), 0, **attrs).numpy(),
+            }[pass_name]
+
+        natives = {
+            "forward": lambda: tf.nn.conv2d(x, w, 1, "SAME").numpy(),
+            "input grad": lambda: tf.compat.v1.nn.conv2d_backprop_input(
                 x_shape, w, dy, [1, 1, 1, 1], "SAME").numpy(),
-             lambda: lib.tfaccum_conv2d_backprop_input(x_shape, w, dy, 0, **attrs).numpy()),
-            ("filter grad", lambda: tf.compat.v1.nn.conv2d_backprop_filter(
+            "filter grad": lambda: tf.compat.v1.nn.conv2d_backprop_filter(
                 x, w_shape, dy, [1, 1, 1, 1], "SAME").numpy(),
-             lambda: lib.tfaccum_conv2d_backprop_filter(x, w_shape, dy, 0, **attrs).numpy()),
-        ]
-        for pass_name, native_fn, ours_fn in passes:
+        }
+        for pass_name, native_fn in natives.items():
             native = median_time(native_fn, repeats)
-            ours = median_time(ours_fn, max(1, repeats // 2))
+            t32 = median_time(ours(pass_name, None), max(1, repeats // 2))
+            t8 = median_time(ours(pass_name, FP8), max(1, repeats // 2))
             print(f"| {name} | {batch}, {hw}x{hw}, {cin}->{cout} | {pass_name} | "
-                  f"{native * 1e3:.1f} | {ours * 1e3:.0f} | {ours / native:.1f} |", flush=True)
+                  f"{native * 1e3:.1f} | {t32 * 1e3:.0f} | {t32 / native:.1f} | "
+                  f"{t8 * 1e3:.0f} | {t8 / native:.1f} |", flush=True)
+
+
+def bench_training_step(repeats, batch=128):
+    """One SGD step of ResNet-32 on a CIFAR-shaped batch: native float32 against the
+    paper's policy (FP8 E5M2 operands, e6 accumulators at the widths tfaccum.analysis
+    predicts for chunk 64, chunk size 64; exact products, nearest-even)."""
+    from tfaccum import analysis, models
+    import keras
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.standard_normal((batch, 32, 32, 3)), tf.float32)
+    y = tf.constant(rng.integers(0, 10, batch))
+    native_model = models.resnet32()
+    plan = analysis.predict(native_model, batch, chunk_size=64, sparsity=None,
+                            operands=FP8, exponent_bits=6)
+    emulated_model = tfaccum.rewrite(native_model, plan)
+    print("\n## training step: ResNet-32, batch %d, SGD (time in ms; ratio = tfaccum / native)"
+          "\n" % batch)
+    print("| model | policy | native | tfaccum | ratio |")
+    print("|---|---|---|---|---|")
+    times = []
+    for model in (native_model, emulated_model):
+        model.compile(optimizer=keras.optimizers.SGD(0.01),
+                      loss="sparse_categorical_crossentropy")
+        before = engine.current()
+        times.append(median_time(lambda: model.train_on_batch(x, y), repeats))
+        after = engine.current()
+    tiles32 = after.tiles_binary32 - before.tiles_binary32
+    tiles64 = after.tiles_binary64 - before.tiles_binary64
+    bits = sorted({layer.gemm(g).mantissa_bits for layer in plan.layers for g in ("fwd", "bwd", "grad")})
+    print(f"| ResNet-32 | FP8 E5M2 operands, e6 accumulators m in {bits[0]}..{bits[-1]}, "
+          f"chunk 64 | {times[0] * 1e3:.0f} | {times[1] * 1e3:.0f} | "
+          f"{times[1] / times[0]:.1f} |", flush=True)
+    print(f"\nEngine tiles of the emulated steps: {tiles32} in binary32 lanes, {tiles64} in "
+          f"binary64 ({after.tiles_binary32_redone - before.tiles_binary32_redone} binary32 "
+          f"tiles redone in binary64).")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["matmul", "conv"], default=None)
+    parser.add_argument("--only", choices=["matmul", "conv", "step"], default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy_limit", type=int, default=512 ** 3,
                         help="largest M*K*N for which the NumPy loop is timed")
@@ -118,10 +173,15 @@ def main():
     print(f"tfaccum benchmark: TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
           f"inter/intra threads {tf.config.threading.get_inter_op_parallelism_threads()}/"
           f"{tf.config.threading.get_intra_op_parallelism_threads()} (0 = all)")
+    state = engine.current()
+    print(f"engine path: {state.isa} (best supported: {state.supported_isa}), binary32 lanes "
+          f"{'on' if state.float32_lanes else 'off'}")
     if args.only in (None, "matmul"):
         bench_matmul(args.repeats, args.numpy_limit)
     if args.only in (None, "conv"):
         bench_conv(args.repeats)
+    if args.only in (None, "step"):
+        bench_training_step(args.repeats)
 
 
 if __name__ == "__main__":

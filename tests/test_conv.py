@@ -9,6 +9,9 @@ from tfaccum import AccumConfig, AccumPolicy, FloatFormat, reference
 import tf_oracles
 from test_matmul import assert_bit_equal, random_operands
 
+# Every test here runs on every engine path (conftest.engine_path).
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 
 def conv_and_grads(x, w, dy, policy, strides, padding, dilations):
     xt, wt = tf.constant(x), tf.constant(w)

@@ -12,6 +12,9 @@ from tfaccum import AccumConfig, AccumPolicy, FloatFormat, reference
 
 F32 = FloatFormat(8, 23)
 
+# Every test here runs on every engine path (conftest.engine_path).
+pytestmark = pytest.mark.usefixtures("engine_path")
+
 
 def bits(x):
     return np.asarray(x, np.float32).view(np.uint32)

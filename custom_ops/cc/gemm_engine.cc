@@ -6,22 +6,37 @@
 // branch-free so the compiler vectorizes across the kTileCols outputs; it is compiled
 // for several instruction sets (target_clones) and the loader picks the best one the
 // processor has, so no instruction the processor lacks is ever executed.
+//
+// Two lane types (docs/numerics.md section 6):
+// - binary64 lanes, exact for every configuration: 8 outputs per 512-bit vector;
+// - binary32 lanes, exact under the preconditions of rounding_f32.h (FP8-like operands,
+//   m <= 21, nearest-even or toward zero): 16 outputs per vector, no widening of B. Each
+//   row tile checks its operands and takes this path when they qualify; a tile whose
+//   values leave the path's range is recomputed in binary64.
+// Three instruction-set paths, chosen once (EnginePaths below):
+// - avx512: round-to-odd sums from two directed-rounding adds (AVX-512 embedded
+//   rounding) instead of TwoSum;
+// - avx2 and generic: the portable code compiled for x86-64-v3 and for the baseline.
 #include "gemm_engine.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "rounding_f32.h"
+
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
-// Function multiversioning: one clone per x86-64 level, chosen when the library loads.
 #if defined(__x86_64__)
-#define TFACCUM_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TFACCUM_HAVE_X86_PATHS 1
+#define TFACCUM_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define TFACCUM_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define TFACCUM_MULTIVERSION
+#define TFACCUM_HAVE_X86_PATHS 0
 #endif
 
 namespace tfaccum {
@@ -60,133 +75,248 @@ class KeepDenormals {
 #endif
 };
 
-constexpr int kTileRows = kMaxPanelRows;
-constexpr int kTileVecs = 2;                  // vectors of kLanes outputs per tile row
-constexpr int kTileCols = kTileVecs * kLanes;  // 16 outputs
-
 #define TFACCUM_INLINE inline __attribute__((always_inline))
 
-typedef float VecF __attribute__((vector_size(sizeof(float) * kLanes)));
+constexpr int kTileRows = kMaxPanelRows;
+constexpr int kTileVecs = 2;                        // vectors per tile row
+constexpr int kTileCols = kTileVecs * kLanes;       // binary64 tile: 16 outputs per row
+constexpr int kTileCols32 = kTileVecs * kLanesF32;  // binary32 tile: 32 outputs per row
+constexpr int kMaxTileCols = kTileCols32;
+
+typedef float VecF8 __attribute__((vector_size(sizeof(float) * kLanes)));
 using TileD = VecD[kTileRows][kTileVecs];
 using TileU = VecU[kTileRows][kTileVecs];
+using TileF = VecF[kTileRows][kTileVecs];
 
-// One rounding in the tile loop. The checked form applies the range rules (subnormal
-// flush, overflow policy, NaN/Inf) at every step. The unchecked form skips them and
-// instead records in `ok` whether every result was finite and in range, in which case
-// the range rules were the identity (when no format flushes subnormals): the caller then
-// keeps the tile, and otherwise recomputes it checked. Overflow and NaN/Inf are rare, so
-// the common case saves the range logic on every addition.
-template <int R, bool kChecked>
-struct TileRounding {
-  VecD check = {};  // stays 0 while every unchecked result is in range (see range_check)
-
-  TFACCUM_INLINE VecD quantize(VecD x, const FormatParams& f, VecU rbits) {
-    if (kChecked) return tfaccum::quantize<R>(x, f, rbits);
-    const VecD r = round_to_grid<R>(x, f, rbits);
-    check += range_check(r, f);
-    return r;
-  }
-  TFACCUM_INLINE VecD accumulate(VecD s, VecD p, const FormatParams& f, VecU rbits) {
-    return quantize(add_round_to_odd(s, p), f, rbits);
-  }
-  TFACCUM_INLINE bool all_ok() const {
-    bool all = true;
-    for (int lane = 0; lane < kLanes; ++lane) all &= check[lane] == 0.0;
-    return all;
-  }
+// The exponent fields a binary64 tile may round without a checked recompute: below
+// 2^emax of the format (see Round64 in gemm_tiles.inc).
+struct TileLimits {
+  uint64_t accumulator, product, chunk_accumulator;
 };
-
-// Accumulates one tile; returns false when an unchecked run must be redone checked.
-// a_rows: kTileRows rows of K values (rows past the end of A repeat a real row; their
-// results are dropped); b_packed: K x ldb (float32, widened exactly on load: half the
-// memory traffic of binary64, which matters for the long sums of filter gradients),
-// starting at the tile's first column (see AccumulateGemm for the last column tile).
-// keys: the generator key of each output (stochastic only).
-template <int R, bool kRoundedProducts, bool kChecked>
-TFACCUM_INLINE bool AccumulateTile(const AccumParams& params, int64_t K,
-                                   const double* const* a_rows,
-                                   const float* __restrict b_packed, int64_t ldb,
-                                   const TileU& keys, TileD& out) {
-  constexpr bool kRandom = (R == kStochastic);
-  TileRounding<R, kChecked> rounding;
-  const bool chunked = params.chunk_size > 0;
-  const int64_t chunk = chunked ? params.chunk_size : K;
-  const VecU no_bits = {};
-  TileD total = {};
-  int64_t chunk_index = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += chunk, ++chunk_index) {
-    const int64_t k1 = std::min(K, k0 + chunk);
-    TileD partial = {};
-    for (int64_t k = k0; k < k1; ++k) {
-      VecD b_row[kTileVecs];
-      for (int v = 0; v < kTileVecs; ++v) {
-        VecF narrow;
-        __builtin_memcpy(&narrow, b_packed + k * ldb + v * kLanes, sizeof narrow);
-        b_row[v] = __builtin_convertvector(narrow, VecD);
-      }
-#pragma GCC unroll 16
-      for (int r = 0; r < kTileRows; ++r) {
-        const double a = a_rows[r][k];
-#pragma GCC unroll 16
-        for (int v = 0; v < kTileVecs; ++v) {
-          VecD p = a * b_row[v];  // exact
-          if (kRoundedProducts) {
-            p = rounding.quantize(
-                p, params.product,
-                kRandom ? random_bits24(keys[r][v], product_counter(k)) : no_bits);
-          }
-          partial[r][v] = rounding.accumulate(
-              partial[r][v], p, params.accumulator,
-              kRandom ? random_bits24(keys[r][v], accumulate_counter(k)) : no_bits);
-        }
-      }
-    }
-    for (int r = 0; r < kTileRows; ++r)
-      for (int v = 0; v < kTileVecs; ++v) {
-        total[r][v] =
-            chunked ? rounding.accumulate(
-                          total[r][v], partial[r][v], params.chunk_accumulator,
-                          kRandom ? random_bits24(keys[r][v], chunk_counter(chunk_index)) : no_bits)
-                    : partial[r][v];
-      }
-  }
-  for (int r = 0; r < kTileRows; ++r)
-    for (int v = 0; v < kTileVecs; ++v) out[r][v] = total[r][v];
-  return kChecked || rounding.all_ok();
+inline uint64_t ExponentLimit(const FormatParams& f) {
+  return ((to_bits(f.max_value) >> 52) - 1) << 52;  // the field of 2^(emax - 1)
 }
 
+template <class U>
+TFACCUM_INLINE bool WithinLimit(const U& record, uint64_t limit) {
+  bool ok = true;
+  for (unsigned lane = 0; lane < sizeof(U) / sizeof(record[0]); ++lane) ok &= record[lane] <= limit;
+  return ok;
+}
+
+// One binary64 tile: kTileRows rows of A (binary64 panels; rows past the end of A repeat
+// a real row and their results are dropped) times kTileCols columns of B (float32 rows
+// of ldb values, widened exactly on load: half the memory traffic of binary64, which
+// matters for the long sums of filter gradients). keys: the generator key of each output
+// (stochastic only).
 struct TileJob {
   const AccumParams* params;
+  TileLimits limits;
   int64_t K;
   const double* a_rows[kTileRows];
-  const float* b_packed;
+  const float* b;
   int64_t ldb;
   const TileU* keys;
   TileD* out;
 };
 
-// The only function compiled per instruction set; everything it calls is inlined.
-TFACCUM_MULTIVERSION void RunTile(const TileJob& job) {
-  const AccumParams& p = *job.params;
-  const TileU& keys = *job.keys;
-  TileD& out = *job.out;
-  // One instantiation per rounding mode, product handling and range checking.
-#define TFACCUM_TILE(R, PRODUCT)                                                          \
-  if (!p.flushes_subnormals &&                                                            \
-      AccumulateTile<R, PRODUCT, false>(p, job.K, job.a_rows, job.b_packed, job.ldb, keys, \
-                                        out))                                             \
-    return;                                                                               \
-  AccumulateTile<R, PRODUCT, true>(p, job.K, job.a_rows, job.b_packed, job.ldb, keys, out); \
-  return
-  switch (p.rounding * 2 + (p.has_product ? 1 : 0)) {
-    case kNearestEven * 2: TFACCUM_TILE(kNearestEven, false);
-    case kNearestEven * 2 + 1: TFACCUM_TILE(kNearestEven, true);
-    case kTowardZero * 2: TFACCUM_TILE(kTowardZero, false);
-    case kTowardZero * 2 + 1: TFACCUM_TILE(kTowardZero, true);
-    case kStochastic * 2: TFACCUM_TILE(kStochastic, false);
-    default: TFACCUM_TILE(kStochastic, true);
+// One binary32 tile: the same with float32 panels and kTileCols32 columns.
+struct TileJob32 {
+  const AccumParams* params;
+  Float32Params accumulator, product, chunk_accumulator;
+  int64_t K;
+  const float* a_rows[kTileRows];
+  const float* b;
+  int64_t ldb;
+  TileF* out;
+};
+
+// The lane operations of the portable paths: the round-to-odd sum by TwoSum
+// (rounding.h, rounding_f32.h); the maximum as a blend of bits (GCC 12 scalarizes the
+// conditional form lane by lane).
+struct PortableOps {
+  static TFACCUM_INLINE VecD add(VecD s, VecD p) { return add_round_to_odd(s, p); }
+  static TFACCUM_INLINE VecF add(VecF s, VecF p) { return add_round_to_odd_f32(s, p); }
+  template <class U>
+  static TFACCUM_INLINE U max(U a, U b) {
+    const U a_greater = reinterpret_cast<U>(a > b);  // all ones or zero per lane
+    return (a & a_greater) | (b & ~a_greater);
   }
-#undef TFACCUM_TILE
+  static TFACCUM_INLINE VecD widen(const float* p) {
+    VecF8 narrow;
+    __builtin_memcpy(&narrow, p, sizeof narrow);
+    return __builtin_convertvector(narrow, VecD);
+  }
+};
+
+// ---- The instruction-set paths -------------------------------------------------------
+// gemm_tiles.inc is compiled once per path, each under its own target, so that the
+// loader-independent choice below (EnginePaths) never runs an instruction the processor
+// lacks.
+
+namespace path_generic {
+using LaneOps = PortableOps;
+#include "gemm_tiles.inc"
+}  // namespace path_generic
+
+#if TFACCUM_HAVE_X86_PATHS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace path_avx2 {
+using LaneOps = PortableOps;
+#include "gemm_tiles.inc"
+}  // namespace path_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace path_avx512 {
+// Round-to-odd from two directed-rounding adds (AVX-512 embedded rounding, no flags
+// raised): when the sum is inexact, its round-down and round-up are adjacent values of
+// the same sign (a sum that lands below the normal range is exact), so exactly one of
+// them has an odd last bit, and that one is the sum rounded to odd; when it is exact the
+// two are equal. NaN and Inf pass through as in the TwoSum form. The forms differ only
+// on overflow of the lane type, which cannot happen in binary64 here (sums of float32
+// products stay below 2^300) and fails precondition P4 in binary32.
+struct LaneOps {
+  static TFACCUM_INLINE VecD add(VecD s, VecD p) {
+    const __m512d down = _mm512_add_round_pd(reinterpret_cast<__m512d>(s),
+                                             reinterpret_cast<__m512d>(p),
+                                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512d up = _mm512_add_round_pd(reinterpret_cast<__m512d>(s),
+                                           reinterpret_cast<__m512d>(p),
+                                           _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __mmask8 down_is_odd =
+        _mm512_test_epi64_mask(_mm512_castpd_si512(down), _mm512_set1_epi64(1));
+    return reinterpret_cast<VecD>(_mm512_mask_blend_pd(down_is_odd, up, down));
+  }
+  static TFACCUM_INLINE VecF add(VecF s, VecF p) {
+    const __m512 down = _mm512_add_round_ps(reinterpret_cast<__m512>(s),
+                                            reinterpret_cast<__m512>(p),
+                                            _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 up = _mm512_add_round_ps(reinterpret_cast<__m512>(s),
+                                          reinterpret_cast<__m512>(p),
+                                          _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    const __mmask16 down_is_odd =
+        _mm512_test_epi32_mask(_mm512_castps_si512(down), _mm512_set1_epi32(1));
+    return reinterpret_cast<VecF>(_mm512_mask_blend_ps(down_is_odd, up, down));
+  }
+  static TFACCUM_INLINE VecU max(VecU a, VecU b) {
+    return reinterpret_cast<VecU>(
+        _mm512_max_epu64(reinterpret_cast<__m512i>(a), reinterpret_cast<__m512i>(b)));
+  }
+  static TFACCUM_INLINE VecU32 max(VecU32 a, VecU32 b) {
+    return reinterpret_cast<VecU32>(
+        _mm512_max_epu32(reinterpret_cast<__m512i>(a), reinterpret_cast<__m512i>(b)));
+  }
+  static TFACCUM_INLINE VecD widen(const float* p) {
+    return reinterpret_cast<VecD>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+  }
+};
+#include "gemm_tiles.inc"
+}  // namespace path_avx512
+#pragma GCC pop_options
+#endif
+
+struct PathFunctions {
+  void (*run_tile64)(const TileJob&);
+  bool (*run_tile32)(const TileJob32&);
+  void (*quantize_range)(const float*, float*, int64_t, int64_t, const FormatParams&, int32_t,
+                         uint64_t);
+};
+
+const PathFunctions& FunctionsOf(int isa) {
+  static const PathFunctions kGenericPath = {path_generic::RunTile64, path_generic::RunTile32,
+                                             path_generic::QuantizeRange};
+#if TFACCUM_HAVE_X86_PATHS
+  static const PathFunctions kAvx2Path = {path_avx2::RunTile64, path_avx2::RunTile32,
+                                          path_avx2::QuantizeRange};
+  static const PathFunctions kAvx512Path = {path_avx512::RunTile64, path_avx512::RunTile32,
+                                            path_avx512::QuantizeRange};
+  if (isa == kEngineAvx512) return kAvx512Path;
+  if (isa == kEngineAvx2) return kAvx2Path;
+#endif
+  return kGenericPath;
+}
+
+int SupportedIsa() {
+#if TFACCUM_HAVE_X86_PATHS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return kEngineAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return kEngineAvx2;
+#endif
+  return kEngineGeneric;
+}
+
+// The path in use. Set when the library loads from TFACCUM_ENGINE_ISA (avx512, avx2 or
+// generic: the best the processor has at most) and TFACCUM_ENGINE_FLOAT32 (0 forbids
+// the binary32 lanes); SetEnginePath changes it (tests run every path in one process).
+struct EngineState {
+  std::atomic<int> isa{kEngineGeneric};
+  std::atomic<int> float32_lanes{1};
+  std::atomic<int64_t> counters[kEngineCounterCount] = {};
+  EngineState() {
+    isa = SupportedIsa();
+    if (const char* name = std::getenv("TFACCUM_ENGINE_ISA")) {
+      const int requested = std::strcmp(name, "avx512") == 0  ? kEngineAvx512
+                            : std::strcmp(name, "avx2") == 0 ? kEngineAvx2
+                            : std::strcmp(name, "generic") == 0 ? kEngineGeneric
+                                                                  : -1;
+      if (requested >= 0) isa = std::min(requested, SupportedIsa());
+    }
+    if (const char* flag = std::getenv("TFACCUM_ENGINE_FLOAT32"))
+      float32_lanes = std::strcmp(flag, "0") != 0;
+  }
+};
+
+EngineState& State() {
+  static EngineState state;
+  return state;
+}
+
+void Count(EngineCounter counter, int64_t n = 1) {
+  State().counters[counter].fetch_add(n, std::memory_order_relaxed);
+}
+
+// What the binary32 path needs to know of a set of operands (precondition P1), from
+// their float32 bit patterns.
+struct OperandStats {
+  uint32_t max_field = 0;        // largest exponent field (255: a NaN or Inf)
+  uint32_t min_field = 256;      // smallest exponent field of a nonzero (0: a subnormal)
+  uint32_t fraction_bits = 0;    // OR of all fraction fields
+
+  void Add(uint32_t bits) {
+    const uint32_t field = (bits >> 23) & 0xff;
+    max_field = std::max(max_field, field);
+    min_field = std::min(min_field, (bits & 0x7fffffffu) != 0 ? field : 256u);
+    fraction_bits |= bits;
+  }
+  void Add(const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      __builtin_memcpy(&bits, x + i, sizeof bits);
+      Add(bits);
+    }
+  }
+  bool Finite() const { return max_field < 255; }
+  bool AllZero() const { return min_field == 256; }
+  // Significant bits of the widest significand; exponent of the lowest set bit of any
+  // value (a lower bound); exponent of the largest value.
+  int TrailingZeros() const { return __builtin_ctz((fraction_bits & 0x7fffffu) | (1u << 23)); }
+  int SignificantBits() const { return 24 - TrailingZeros(); }
+  int LowestBit() const { return static_cast<int>(min_field) - 150 + TrailingZeros(); }
+  int Top() const { return static_cast<int>(max_field) - 127; }
+};
+
+// Whether every product of a value described by `a` and one described by `b` is exact in
+// binary32: at most 24 significant bits, no bit below 2^-149, below 2^128. NaN, Inf and
+// subnormal operands take the binary64 path.
+bool ProductsExactInFloat32(const OperandStats& a, const OperandStats& b) {
+  if (!a.Finite() || !b.Finite()) return false;
+  if (a.AllZero() || b.AllZero()) return true;
+  if (a.min_field == 0 || b.min_field == 0) return false;
+  return a.SignificantBits() + b.SignificantBits() <= 24 &&
+         a.LowestBit() + b.LowestBit() >= -149 && a.Top() + b.Top() <= 126;
 }
 
 // count * size bytes; INT64_MAX, which no allocator can provide, when that overflows.
@@ -195,6 +325,23 @@ int64_t ScratchBytes(int64_t count, int64_t size) {
 }
 
 }  // namespace
+
+EnginePath GetEnginePath() {
+  EngineState& state = State();
+  EnginePath path;
+  path.isa = state.isa.load();
+  path.supported_isa = SupportedIsa();
+  path.float32_lanes = state.float32_lanes.load() != 0;
+  for (int i = 0; i < kEngineCounterCount; ++i) path.counters[i] = state.counters[i].load();
+  return path;
+}
+
+bool SetEnginePath(int isa, bool float32_lanes) {
+  if (isa < kEngineGeneric || isa > kEngineAvx512 || isa > SupportedIsa()) return false;
+  State().isa = isa;
+  State().float32_lanes = float32_lanes ? 1 : 0;
+  return true;
+}
 
 bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
@@ -207,21 +354,23 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     std::fill(c, c + M * N, 0.0f);
     return true;
   }
-  const int64_t col_tiles = (N + kTileCols - 1) / kTileCols;
+  const EngineState& state = State();
+  const PathFunctions& path = FunctionsOf(state.isa.load());
   const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
 
   // B as float32 rows of N values, without the padding to whole column tiles that cost
-  // 16x the size of B for N = 1. A tile reads kTileCols columns, so when N is not a
-  // multiple of kTileCols the last column tile is shifted left to end at column N: it
-  // recomputes some columns of the tile before (bit for bit the same values, same keys)
-  // and writes only its new ones. Only N < kTileCols leaves lanes past N: they read the
-  // following row of B (kTileCols zeros of slack after the last one) and their results
-  // are dropped; a non-finite value there costs at most a checked recompute of the tile.
-  // B is used in place when it already is rows of N >= kTileCols float32 values.
+  // 16x the size of B for N = 1. A tile reads kTileCols (kTileCols32) columns, so when N
+  // is not a multiple of that the last column tile is shifted left to end at column N:
+  // it recomputes some columns of the tile before (bit for bit the same values, same
+  // keys, whichever path) and writes them again. Only N below the tile width leaves
+  // lanes past N: they read the following row of B (kMaxTileCols zeros of slack after
+  // the last one) and their results are dropped; a non-finite value there costs at most
+  // a checked recompute of the tile. B is used in place when it already is rows of
+  // N >= kMaxTileCols float32 values.
   const int64_t ldb = N;
   const float* b_rows = b;
-  if (!(b_stride_k == N && b_stride_n == 1 && N >= kTileCols)) {
-    const int64_t floats = K * N + kTileCols;  // K * N <= elements of b: no overflow
+  if (!(b_stride_k == N && b_stride_n == 1 && N >= kMaxTileCols)) {
+    const int64_t floats = K * N + kMaxTileCols;  // K * N <= elements of b: no overflow
     float* packed = static_cast<float*>(context.scratch(ScratchBytes(floats, 4), "the B operand"));
     if (packed == nullptr) return false;
     std::fill(packed + K * N, packed + floats, 0.0f);
@@ -233,32 +382,64 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     b_rows = packed;
   }
 
+  // The binary32 lanes (rounding_f32.h): the rounding and formats qualify for the whole
+  // call (P2, P3); B's values are checked once here, each A panel's with its tile.
+  const bool chunked = params.chunk_size > 0;
+  TileJob32 job32_template{};
+  job32_template.params = &params;
+  job32_template.accumulator = float32_params(params.accumulator, params.rounding);
+  job32_template.product = float32_params(params.product, params.rounding);
+  job32_template.chunk_accumulator = float32_params(params.chunk_accumulator, params.rounding);
+  bool float32 = state.float32_lanes.load() && params.rounding != kStochastic &&
+                 !params.flushes_subnormals && job32_template.accumulator.usable &&
+                 (!params.has_product || job32_template.product.usable) &&
+                 (!chunked || job32_template.chunk_accumulator.usable);
+  OperandStats b_stats;
+  if (float32) {
+    b_stats.Add(b_rows, K * N);
+    float32 = b_stats.Finite() && (b_stats.AllZero() || b_stats.min_field > 0);
+  }
+
   // One A panel per worker that runs (at most one per row tile), handed out on first use.
   // A GEMM with fewer than kTileRows rows gets panels of M rows: the tile's other rows
-  // repeat row 0 (see AccumulateTile), so an M = 1 GEMM needs K values, not 4K.
+  // repeat row 0, so an M = 1 GEMM needs K values, not 4K. The binary32 path adds a
+  // float32 copy of the panel.
   const int64_t panel_rows = std::min<int64_t>(kTileRows, M);
   const int64_t panels = std::min<int64_t>(row_tiles, std::max(1, context.workers));
   double* panel_memory = static_cast<double*>(
       context.scratch(ScratchBytes(panels * panel_rows, K * 8), "the A panels"));
   if (panel_memory == nullptr) return false;
+  float* panel32_memory = nullptr;
+  if (float32) {
+    panel32_memory = static_cast<float*>(
+        context.scratch(ScratchBytes(panels * panel_rows, K * 4), "the float32 A panels"));
+    if (panel32_memory == nullptr) return false;
+  }
   std::vector<int64_t> panel_of_worker(static_cast<size_t>(std::max(1, context.workers)), -1);
   std::atomic<int64_t> next_panel{0};
 
+  TileLimits limits{ExponentLimit(params.accumulator), ExponentLimit(params.product),
+                    ExponentLimit(params.chunk_accumulator)};
   const bool stochastic = params.rounding == kStochastic;
   const ElementIndex index = element_index(params, N);  // the generator's element of (i, j)
-  // Roughly 30 vector instructions per product per 8 lanes.
-  const int64_t cost_per_row_tile = K * col_tiles * kTileCols * kTileRows * 4;
+  // Roughly 15 vector instructions per product per 8 lanes.
+  const int64_t cost_per_row_tile = K * N * kTileRows * 2;
   context.parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end,
                                                          int worker) {
     KeepDenormals keep_denormals;
     int64_t& panel_index = panel_of_worker[worker];
     if (panel_index < 0) panel_index = next_panel.fetch_add(1);
     double* panel = panel_memory + panel_index * panel_rows * K;
-    TileJob job{&params, K, {}, nullptr, ldb, nullptr, nullptr};
+    float* panel32 = float32 ? panel32_memory + panel_index * panel_rows * K : nullptr;
     TileU keys = {};
-    TileD out;
-    job.keys = &keys;
-    job.out = &out;
+    TileD out64;
+    TileJob job{&params, limits, K, {}, nullptr, ldb, &keys, &out64};
+    TileF out32;
+    TileJob32 job32 = job32_template;
+    job32.K = K;
+    job32.ldb = ldb;
+    job32.out = &out32;
+    int64_t tiles64 = 0, tiles32 = 0, redone = 0;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t row0 = tile * kTileRows;
       const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
@@ -266,9 +447,10 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       gather_a(row0, rows, panel);
       // Rows past M repeat row 0 (their results are dropped), as in a panel of M rows.
       for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel + (r < rows ? r : 0) * K;
-      for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        const int64_t first_new = ct * kTileCols;  // the columns this tile adds
-        const int64_t col0 = std::max<int64_t>(0, std::min(first_new, N - kTileCols));
+
+      // The binary64 tile whose columns start at col0 (col0 + kTileCols <= N unless N is
+      // smaller): computes it and writes its columns below N.
+      auto run64 = [&](int64_t col0) {
         if (stochastic) {
           for (int r = 0; r < kTileRows; ++r)
             for (int w = 0; w < kTileCols; ++w)
@@ -277,36 +459,63 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                                    static_cast<uint64_t>(row0 + r) * index.row_stride +
                                    static_cast<uint64_t>(col0 + w));
         }
-        job.b_packed = b_rows + col0;
-        RunTile(job);
+        job.b = b_rows + col0;
+        path.run_tile64(job);
+        ++tiles64;
         const int64_t w_end = std::min<int64_t>(kTileCols, N - col0);
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t w = first_new - col0; w < w_end; ++w)
-            c[(row0 + r) * N + col0 + w] = static_cast<float>(out[r][w / kLanes][w % kLanes]);
+          for (int64_t w = 0; w < w_end; ++w)
+            c[(row0 + r) * N + col0 + w] = static_cast<float>(out64[r][w / kLanes][w % kLanes]);
+      };
+
+      bool tile32 = false;
+      if (float32) {
+        OperandStats a_stats;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < K; ++k) {
+            const float value = static_cast<float>(panel[r * K + k]);  // exact
+            panel32[r * K + k] = value;
+            uint32_t bits;
+            __builtin_memcpy(&bits, &value, sizeof bits);
+            a_stats.Add(bits);
+          }
+        tile32 = ProductsExactInFloat32(a_stats, b_stats);
+        for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = panel32 + (r < rows ? r : 0) * K;
+      }
+      if (tile32) {
+        for (int64_t first = 0; first < N; first += kTileCols32) {
+          const int64_t col0 = std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols32));
+          job32.b = b_rows + col0;
+          if (path.run_tile32(job32)) {
+            ++tiles32;
+            const int64_t w_end = std::min<int64_t>(kTileCols32, N - col0);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t w = 0; w < w_end; ++w)
+                c[(row0 + r) * N + col0 + w] = out32[r][w / kLanesF32][w % kLanesF32];
+          } else {  // a value left the binary32 range: the same columns in binary64
+            ++redone;
+            run64(std::max<int64_t>(0, std::min<int64_t>(col0, N - kTileCols)));
+            if (col0 + kTileCols < N) run64(std::min<int64_t>(col0 + kTileCols, N - kTileCols));
+          }
+        }
+      } else {
+        for (int64_t first = 0; first < N; first += kTileCols)
+          run64(std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols)));
       }
     }
+    Count(kEngineTiles64, tiles64);
+    Count(kEngineTiles32, tiles32);
+    Count(kEngineTiles32Redone, redone);
   });
   return true;
 }
 
-namespace {
-TFACCUM_MULTIVERSION void QuantizeRange(
-    const float* x, float* y, int64_t begin, int64_t end, const FormatParams& format,
-    int32_t rounding, uint64_t seed) {
-  for (int64_t i = begin; i < end; ++i) {
-    const double v = static_cast<double>(x[i]);
-    uint64_t r = 0;
-    if (rounding == kStochastic) r = random_bits24(element_key(seed, static_cast<uint64_t>(i)), 0);
-    y[i] = static_cast<float>(quantize_any(v, format, rounding, r));
-  }
-}
-}  // namespace
-
 void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
                    int32_t rounding, uint64_t seed, const EngineContext& context) {
-  context.parallel_for(n, 40, [&](int64_t begin, int64_t end, int) {
+  const PathFunctions& path = FunctionsOf(State().isa.load());
+  context.parallel_for(n, 10, [&](int64_t begin, int64_t end, int) {
     KeepDenormals keep_denormals;
-    QuantizeRange(x, y, begin, end, format, rounding, seed);
+    path.quantize_range(x, y, begin, end, format, rounding, seed);
   });
 }
 

@@ -51,6 +51,26 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
                     const EngineContext& context);
 
+// Which code the engine runs (gemm_engine.cc): an instruction-set path, and whether the
+// binary32 lanes may be used where their preconditions hold (rounding_f32.h). Every
+// choice computes the same bits; they differ in speed and in the instructions they need.
+enum EngineIsa : int { kEngineGeneric = 0, kEngineAvx2 = 1, kEngineAvx512 = 2 };
+enum EngineCounter : int {
+  kEngineTiles64 = 0,        // binary64 tiles run
+  kEngineTiles32 = 1,        // binary32 tiles kept
+  kEngineTiles32Redone = 2,  // binary32 tiles recomputed in binary64 (a value out of range)
+  kEngineCounterCount = 3,
+};
+struct EnginePath {
+  int isa;            // in use
+  int supported_isa;  // the best this processor runs
+  bool float32_lanes;
+  int64_t counters[kEngineCounterCount];  // since the library loaded
+};
+EnginePath GetEnginePath();
+// Returns false, changing nothing, for an ISA the processor lacks.
+bool SetEnginePath(int isa, bool float32_lanes);
+
 // Elementwise quantization (tfaccum.quantize): element index is the flat index.
 void QuantizeArray(const float* x, float* y, int64_t n, const FormatParams& format,
                    int32_t rounding, uint64_t seed, const EngineContext& context);

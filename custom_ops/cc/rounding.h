@@ -217,14 +217,16 @@ TFACCUM_HD uint64_t chunk_counter(int64_t j) { return 3 * static_cast<uint64_t>(
 // With E = max(exponent(x), emin) the format's grid near x has spacing u = 2^(E - m).
 // C = 1.5 * 2^(E - m + 52) has ulp u and |x| < C/3, so the binary64 sum x + C is x
 // rounded once to nearest-even on that grid (C is an even multiple of u), and
-// (x + C) - C recovers it exactly.
+// (x + C) - C recovers it exactly. That result has x's sign or is +0, so OR-ing in x's
+// sign bit gives the signed zero where x rounds to zero and changes nothing elsewhere.
+//
+// round_to_grid_at takes e = max(exponent field of x, emin field), each shifted into
+// place, from a caller that has computed it (the engines use their own max
+// instructions); round_to_grid computes it.
 template <int R, class D, class U>
-TFACCUM_HD D round_to_grid(D x, const FormatParams& f, U rbits) {
-  const U exponent = to_bits(x) & 0x7ff0000000000000ULL;              // E_field << 52
-  const U emin = U{} + (static_cast<uint64_t>(f.emin_field) << 52);
-  const U e = select(exponent > emin, exponent, emin);
+TFACCUM_HD D round_to_grid_at(D x, U e, const FormatParams& f, U rbits) {
   const D magic = from_bits(e + static_cast<uint64_t>(f.magic_offset));  // 1.5 * 2^(E-m+52)
-  D r = copysign_d((x + magic) - magic, x);  // nearest-even; keeps the sign of zeros
+  D r = from_bits(to_bits((x + magic) - magic) | (to_bits(x) & 0x8000000000000000ULL));
   if (R != kNearestEven) {
     const D ulp = from_bits(e - static_cast<uint64_t>(f.ulp_offset));  // 2^(E - m)
     const D magnitude_x = abs_d(x);
@@ -243,6 +245,13 @@ TFACCUM_HD D round_to_grid(D x, const FormatParams& f, U rbits) {
     }
   }
   return r;
+}
+
+template <int R, class D, class U>
+TFACCUM_HD D round_to_grid(D x, const FormatParams& f, U rbits) {
+  const U exponent = to_bits(x) & 0x7ff0000000000000ULL;              // E_field << 52
+  const U emin = U{} + (static_cast<uint64_t>(f.emin_field) << 52);
+  return round_to_grid_at<R>(x, select(exponent > emin, exponent, emin), f, rbits);
 }
 
 // The range rules applied to round_to_grid's result r for input x: subnormal flush,

@@ -120,9 +120,11 @@ struct TileJob {
   TileD* out;
 };
 
-// One binary32 tile: the same with float32 panels and kTileCols32 columns.
+// One binary32 tile: the same with float32 panels and vecs * kLanesF32 columns
+// (kTileCols32, or 16 when N <= 16).
 struct TileJob32 {
   const AccumParams* params;
+  int vecs;
   Float32Params accumulator, product, chunk_accumulator;
   int64_t K;
   const float* a_rows[kTileRows];
@@ -436,6 +438,8 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     TileJob job{&params, limits, K, {}, nullptr, ldb, &keys, &out64};
     TileF out32;
     TileJob32 job32 = job32_template;
+    job32.vecs = N <= kLanesF32 ? 1 : kTileVecs;
+    const int64_t width32 = job32.vecs * kLanesF32;
     job32.K = K;
     job32.ldb = ldb;
     job32.out = &out32;
@@ -483,12 +487,12 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
         for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = panel32 + (r < rows ? r : 0) * K;
       }
       if (tile32) {
-        for (int64_t first = 0; first < N; first += kTileCols32) {
-          const int64_t col0 = std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols32));
+        for (int64_t first = 0; first < N; first += width32) {
+          const int64_t col0 = std::max<int64_t>(0, std::min<int64_t>(first, N - width32));
           job32.b = b_rows + col0;
           if (path.run_tile32(job32)) {
             ++tiles32;
-            const int64_t w_end = std::min<int64_t>(kTileCols32, N - col0);
+            const int64_t w_end = std::min<int64_t>(width32, N - col0);
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t w = 0; w < w_end; ++w)
                 c[(row0 + r) * N + col0 + w] = out32[r][w / kLanesF32][w % kLanesF32];

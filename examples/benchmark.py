@@ -154,7 +154,8 @@ def bench_training_step(repeats, batch=128):
         after = engine.current()
     tiles32 = after.tiles_binary32 - before.tiles_binary32
     tiles64 = after.tiles_binary64 - before.tiles_binary64
-    bits = sorted({layer.gemm(g).mantissa_bits for layer in plan.layers for g in ("fwd", "bwd", "grad")})
+    bits = sorted({layer.gemm(g).mantissa_bits for layer in plan.layers
+                   for g in ("fwd", "bwd", "grad")})
     print(f"| ResNet-32 | FP8 E5M2 operands, e6 accumulators m in {bits[0]}..{bits[-1]}, "
           f"chunk 64 | {times[0] * 1e3:.0f} | {times[1] * 1e3:.0f} | "
           f"{times[1] / times[0]:.1f} |", flush=True)

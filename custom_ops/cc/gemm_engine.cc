@@ -151,6 +151,34 @@ struct PortableOps {
   }
 };
 
+// What the binary32 path needs to know of a set of operands (precondition P1), from
+// their float32 bit patterns.
+struct OperandStats {
+  uint32_t max_field = 0;        // largest exponent field (255: a NaN or Inf)
+  uint32_t min_field = 256;      // smallest exponent field of a nonzero (0: a subnormal)
+  uint32_t fraction_bits = 0;    // OR of all fraction fields
+
+  void Add(uint32_t bits) {
+    const uint32_t field = (bits >> 23) & 0xff;
+    max_field = std::max(max_field, field);
+    min_field = std::min(min_field, (bits & 0x7fffffffu) != 0 ? field : 256u);
+    fraction_bits |= bits;
+  }
+  void Merge(const OperandStats& other) {
+    max_field = std::max(max_field, other.max_field);
+    min_field = std::min(min_field, other.min_field);
+    fraction_bits |= other.fraction_bits;
+  }
+  bool Finite() const { return max_field < 255; }
+  bool AllZero() const { return min_field == 256; }
+  // Significant bits of the widest significand; exponent of the lowest set bit of any
+  // value (a lower bound); exponent of the largest value.
+  int TrailingZeros() const { return __builtin_ctz((fraction_bits & 0x7fffffu) | (1u << 23)); }
+  int SignificantBits() const { return 24 - TrailingZeros(); }
+  int LowestBit() const { return static_cast<int>(min_field) - 150 + TrailingZeros(); }
+  int Top() const { return static_cast<int>(max_field) - 127; }
+};
+
 // ---- The instruction-set paths -------------------------------------------------------
 // gemm_tiles.inc is compiled once per path, each under its own target, so that the
 // loader-independent choice below (EnginePaths) never runs an instruction the processor
@@ -172,6 +200,10 @@ using LaneOps = PortableOps;
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+// GCC 12 warns that the embedded-rounding intrinsics read an uninitialized register (the
+// undefined pass-through operand they are defined with): a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace path_avx512 {
 // Round-to-odd from two directed-rounding adds (AVX-512 embedded rounding, no flags
 // raised): when the sum is inexact, its round-down and round-up are adjacent values of
@@ -217,24 +249,30 @@ struct LaneOps {
 };
 #include "gemm_tiles.inc"
 }  // namespace path_avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
 struct PathFunctions {
   void (*run_tile64)(const TileJob&);
   bool (*run_tile32)(const TileJob32&);
+  OperandStats (*operand_stats)(const float*, int64_t);
+  OperandStats (*narrow_panel)(const double*, float*, int64_t);
   void (*quantize_range)(const float*, float*, int64_t, int64_t, const FormatParams&, int32_t,
                          uint64_t);
 };
 
 const PathFunctions& FunctionsOf(int isa) {
-  static const PathFunctions kGenericPath = {path_generic::RunTile64, path_generic::RunTile32,
-                                             path_generic::QuantizeRange};
+  static const PathFunctions kGenericPath = {
+      path_generic::RunTile64, path_generic::RunTile32, path_generic::OperandStatsOf,
+      path_generic::NarrowPanel, path_generic::QuantizeRange};
 #if TFACCUM_HAVE_X86_PATHS
-  static const PathFunctions kAvx2Path = {path_avx2::RunTile64, path_avx2::RunTile32,
-                                          path_avx2::QuantizeRange};
-  static const PathFunctions kAvx512Path = {path_avx512::RunTile64, path_avx512::RunTile32,
-                                            path_avx512::QuantizeRange};
+  static const PathFunctions kAvx2Path = {
+      path_avx2::RunTile64, path_avx2::RunTile32, path_avx2::OperandStatsOf,
+      path_avx2::NarrowPanel, path_avx2::QuantizeRange};
+  static const PathFunctions kAvx512Path = {
+      path_avx512::RunTile64, path_avx512::RunTile32, path_avx512::OperandStatsOf,
+      path_avx512::NarrowPanel, path_avx512::QuantizeRange};
   if (isa == kEngineAvx512) return kAvx512Path;
   if (isa == kEngineAvx2) return kAvx2Path;
 #endif
@@ -279,36 +317,6 @@ EngineState& State() {
 void Count(EngineCounter counter, int64_t n = 1) {
   State().counters[counter].fetch_add(n, std::memory_order_relaxed);
 }
-
-// What the binary32 path needs to know of a set of operands (precondition P1), from
-// their float32 bit patterns.
-struct OperandStats {
-  uint32_t max_field = 0;        // largest exponent field (255: a NaN or Inf)
-  uint32_t min_field = 256;      // smallest exponent field of a nonzero (0: a subnormal)
-  uint32_t fraction_bits = 0;    // OR of all fraction fields
-
-  void Add(uint32_t bits) {
-    const uint32_t field = (bits >> 23) & 0xff;
-    max_field = std::max(max_field, field);
-    min_field = std::min(min_field, (bits & 0x7fffffffu) != 0 ? field : 256u);
-    fraction_bits |= bits;
-  }
-  void Add(const float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t bits;
-      __builtin_memcpy(&bits, x + i, sizeof bits);
-      Add(bits);
-    }
-  }
-  bool Finite() const { return max_field < 255; }
-  bool AllZero() const { return min_field == 256; }
-  // Significant bits of the widest significand; exponent of the lowest set bit of any
-  // value (a lower bound); exponent of the largest value.
-  int TrailingZeros() const { return __builtin_ctz((fraction_bits & 0x7fffffu) | (1u << 23)); }
-  int SignificantBits() const { return 24 - TrailingZeros(); }
-  int LowestBit() const { return static_cast<int>(min_field) - 150 + TrailingZeros(); }
-  int Top() const { return static_cast<int>(max_field) - 127; }
-};
 
 // Whether every product of a value described by `a` and one described by `b` is exact in
 // binary32: at most 24 significant bits, no bit below 2^-149, below 2^128. NaN, Inf and
@@ -398,7 +406,11 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                  (!chunked || job32_template.chunk_accumulator.usable);
   OperandStats b_stats;
   if (float32) {
-    b_stats.Add(b_rows, K * N);
+    std::vector<OperandStats> parts(static_cast<size_t>(std::max(1, context.workers)));
+    context.parallel_for(K, N, [&](int64_t k_begin, int64_t k_end, int worker) {
+      parts[worker].Merge(path.operand_stats(b_rows + k_begin * ldb, (k_end - k_begin) * ldb));
+    });
+    for (const OperandStats& part : parts) b_stats.Merge(part);
     float32 = b_stats.Finite() && (b_stats.AllZero() || b_stats.min_field > 0);
   }
 
@@ -474,15 +486,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
 
       bool tile32 = false;
       if (float32) {
-        OperandStats a_stats;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) {
-            const float value = static_cast<float>(panel[r * K + k]);  // exact
-            panel32[r * K + k] = value;
-            uint32_t bits;
-            __builtin_memcpy(&bits, &value, sizeof bits);
-            a_stats.Add(bits);
-          }
+        const OperandStats a_stats = path.narrow_panel(panel, panel32, rows * K);
         tile32 = ProductsExactInFloat32(a_stats, b_stats);
         for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = panel32 + (r < rows ? r : 0) * K;
       }

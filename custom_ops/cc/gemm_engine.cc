@@ -137,11 +137,20 @@ struct TileJob32 {
 // (rounding.h, rounding_f32.h); the maximum as a blend of bits (GCC 12 scalarizes the
 // conditional form lane by lane).
 struct PortableOps {
+  // One record per role: with 16 vector registers (AVX2: a VecD is two of them) more
+  // records spill the tile to memory.
+  static constexpr int kRecords = 1;
   static TFACCUM_INLINE VecD add(VecD s, VecD p) { return add_round_to_odd(s, p); }
   static TFACCUM_INLINE VecF add(VecF s, VecF p) { return add_round_to_odd_f32(s, p); }
-  template <class U>
-  static TFACCUM_INLINE U max(U a, U b) {
-    const U a_greater = reinterpret_cast<U>(a > b);  // all ones or zero per lane
+  // Compared as signed integers: every value maxed here is below 2^63 (2^31), and AVX2
+  // has no unsigned 64-bit compare (GCC lowers one lane by lane).
+  static TFACCUM_INLINE VecU max(VecU a, VecU b) {
+    const VecU a_greater = reinterpret_cast<VecU>(as_signed(a) > as_signed(b));
+    return (a & a_greater) | (b & ~a_greater);
+  }
+  static TFACCUM_INLINE VecU32 max(VecU32 a, VecU32 b) {
+    const VecU32 a_greater = reinterpret_cast<VecU32>(reinterpret_cast<VecI32>(a) >
+                                                      reinterpret_cast<VecI32>(b));
     return (a & a_greater) | (b & ~a_greater);
   }
   static TFACCUM_INLINE VecD widen(const float* p) {
@@ -213,6 +222,7 @@ namespace path_avx512 {
 // on overflow of the lane type, which cannot happen in binary64 here (sums of float32
 // products stay below 2^300) and fails precondition P4 in binary32.
 struct LaneOps {
+  static constexpr int kRecords = kTileRows;  // 32 vector registers
   static TFACCUM_INLINE VecD add(VecD s, VecD p) {
     const __m512d down = _mm512_add_round_pd(reinterpret_cast<__m512d>(s),
                                              reinterpret_cast<__m512d>(p),

@@ -103,6 +103,9 @@ TFACCUM_HD double from_bits(uint64_t u) {
 }
 
 TFACCUM_HD uint64_t mask(bool condition) { return uint64_t{0} - static_cast<uint64_t>(condition); }
+// Bits as signed integers, for comparing values below 2^63 (exponent fields): AVX2 has no
+// unsigned 64-bit compare, and GCC lowers one lane by lane.
+TFACCUM_HD int64_t as_signed(uint64_t u) { return static_cast<int64_t>(u); }
 TFACCUM_HD double to_double(uint64_t u) { return static_cast<double>(u); }
 
 #if !defined(__CUDACC__)
@@ -113,6 +116,7 @@ constexpr int kLanes = 8;
 TFACCUM_HD VecU to_bits(VecD x) { return reinterpret_cast<VecU>(x); }
 TFACCUM_HD VecD from_bits(VecU u) { return reinterpret_cast<VecD>(u); }
 TFACCUM_HD VecU mask(VecI condition) { return reinterpret_cast<VecU>(condition); }
+TFACCUM_HD VecI as_signed(VecU u) { return reinterpret_cast<VecI>(u); }
 TFACCUM_HD VecD to_double(VecU u) { return __builtin_convertvector(u, VecD); }
 #endif
 
@@ -122,6 +126,19 @@ template <class C, class T>
 TFACCUM_HD T select(C condition, T if_true, T if_false) {
   return condition ? if_true : if_false;
 }
+
+#if !defined(__CUDACC__)
+// Vector conditions blend bits: GCC lowers a vector `?:` lane by lane (scalar code) where
+// the target lacks 512-bit vectors, e.g. for AVX2, but splits bitwise operations into
+// halves.
+TFACCUM_HD VecU select(VecI condition, VecU if_true, VecU if_false) {
+  const VecU m = reinterpret_cast<VecU>(condition);
+  return (if_true & m) | (if_false & ~m);
+}
+TFACCUM_HD VecD select(VecI condition, VecD if_true, VecD if_false) {
+  return from_bits(select(condition, to_bits(if_true), to_bits(if_false)));
+}
+#endif
 
 template <class D>
 TFACCUM_HD D abs_d(D x) {
@@ -251,7 +268,8 @@ template <int R, class D, class U>
 TFACCUM_HD D round_to_grid(D x, const FormatParams& f, U rbits) {
   const U exponent = to_bits(x) & 0x7ff0000000000000ULL;              // E_field << 52
   const U emin = U{} + (static_cast<uint64_t>(f.emin_field) << 52);
-  return round_to_grid_at<R>(x, select(exponent > emin, exponent, emin), f, rbits);
+  return round_to_grid_at<R>(x, select(as_signed(exponent) > as_signed(emin), exponent, emin), f,
+                             rbits);
 }
 
 // The range rules applied to round_to_grid's result r for input x: subnormal flush,

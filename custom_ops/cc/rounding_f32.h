@@ -61,6 +61,14 @@ constexpr int kLanesF32 = 16;
 TFACCUM_HD VecU32 to_bits(VecF x) { return reinterpret_cast<VecU32>(x); }
 TFACCUM_HD VecF from_bits(VecU32 u) { return reinterpret_cast<VecF>(u); }
 TFACCUM_HD VecU32 mask(VecI32 condition) { return reinterpret_cast<VecU32>(condition); }
+// As select in rounding.h: vector conditions blend bits.
+TFACCUM_HD VecU32 select(VecI32 condition, VecU32 if_true, VecU32 if_false) {
+  const VecU32 m = reinterpret_cast<VecU32>(condition);
+  return (if_true & m) | (if_false & ~m);
+}
+TFACCUM_HD VecF select(VecI32 condition, VecF if_true, VecF if_false) {
+  return from_bits(select(condition, to_bits(if_true), to_bits(if_false)));
+}
 #endif
 
 TFACCUM_HD uint32_t to_bits(float x) {

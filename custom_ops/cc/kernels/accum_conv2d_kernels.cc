@@ -4,6 +4,8 @@
 // (input gradient), zero where a tap falls outside (§5).
 #define EIGEN_USE_THREADS
 
+#include <algorithm>
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "op_frontends.h"
 
@@ -103,24 +105,39 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
                                                    const Tensor& dy, Tensor* dw) {
   const int64_t M = g.k_h * g.k_w * g.in_c, K = g.filter_grad_length(), N = g.out_c;
   const float* xd = x.flat<float>().data();
-  // A row is one (ky, kx, ci) over all (b, oy, ox). The rows of a panel are walked
-  // together, position by position, so that their taps (neighbouring channels of one
-  // pixel, as a rule) are read from the same cache lines.
+  // A row is one (ky, kx, ci) over all (b, oy, ox). The panel is filled one output row
+  // (b, oy) at a time, all its rows together, so that their taps (neighbouring channels
+  // of one image row, as a rule) are read from the same cache lines; within it each row
+  // is a strided copy over the range of ox whose taps fall inside the image (the engine
+  // zeroed the panel, so the taps outside stay exact zeros).
   RowGather gather = [g, xd, K](int64_t row0, int64_t rows, double* panel) {
     int64_t ci[kMaxPanelRows], kx[kMaxPanelRows], ky[kMaxPanelRows];
+    int64_t ox_begin[kMaxPanelRows], ox_end[kMaxPanelRows];
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = row0 + r;
       ci[r] = row % g.in_c, kx[r] = (row / g.in_c) % g.k_w, ky[r] = row / (g.in_c * g.k_w);
+      // 0 <= input_col(ox, kx) < in_w  <=>  ox_begin <= ox < ox_end.
+      ox_begin[r] = g.out_w, ox_end[r] = 0;
+      for (int64_t ox = 0; ox < g.out_w; ++ox) {
+        const int64_t ix = g.input_col(ox, kx[r]);
+        if (ix < 0 || ix >= g.in_w) continue;
+        ox_begin[r] = std::min(ox_begin[r], ox);
+        ox_end[r] = ox + 1;
+      }
     }
-    int64_t k = 0;
+    const int64_t x_step = g.stride_w * g.in_c;  // from one ox to the next
     for (int64_t b = 0; b < g.batch; ++b)
-      for (int64_t oy = 0; oy < g.out_h; ++oy)
-        for (int64_t ox = 0; ox < g.out_w; ++ox, ++k)
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t iy = g.input_row(oy, ky[r]), ix = g.input_col(ox, kx[r]);
-            if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;  // zero
-            panel[r * K + k] = xd[((b * g.in_h + iy) * g.in_w + ix) * g.in_c + ci[r]];
-          }
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        const int64_t k0 = (b * g.out_h + oy) * g.out_w;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t iy = g.input_row(oy, ky[r]);
+          if (iy < 0 || iy >= g.in_h || ox_begin[r] >= ox_end[r]) continue;  // zeros
+          const float* src = xd + ((b * g.in_h + iy) * g.in_w +
+                                   g.input_col(ox_begin[r], kx[r])) * g.in_c + ci[r];
+          double* out = panel + r * K + k0;
+          for (int64_t ox = ox_begin[r]; ox < ox_end[r]; ++ox, src += x_step) out[ox] = *src;
+        }
+      }
   };
   // B(k = (b, oy, ox), co) is out_backprop in its own layout.
   CpuEngine engine(ctx);

@@ -70,7 +70,7 @@ def test_emulated_kernels_match_reference():
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler for the host emulation")
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--emulate", "--quick",
+        [sys.executable, os.path.join(ROOT, "tests", "gpu", "gpu_check.py"), "--emulate", "--quick",
          "--quiet", "--smoke-timing", "--workers", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     output = result.stdout + result.stderr

@@ -32,8 +32,8 @@
 
 #include <stdint.h>
 
-#include "../cc/conv_geometry.h"
-#include "../cc/rounding.h"
+#include "../core/conv_geometry.h"
+#include "../core/rounding.h"
 
 namespace tfaccum {
 namespace cuda {

@@ -22,8 +22,8 @@
 
 #include <stdint.h>
 
-#include "../cc/conv_geometry.h"
-#include "../cc/rounding.h"
+#include "../core/conv_geometry.h"
+#include "../core/rounding.h"
 
 struct CUstream_st;  // cudaStream_t is `struct CUstream_st*`
 

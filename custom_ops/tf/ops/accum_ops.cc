@@ -3,7 +3,7 @@
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "../conv_geometry.h"
+#include "../../core/conv_geometry.h"
 #include "../shape_checks.h"
 
 namespace tfaccum {

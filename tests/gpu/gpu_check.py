@@ -48,7 +48,7 @@ import types
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEADLINE_S = 7 * 60  # stop starting new work after this (the budget is 8 minutes)
 SENTINEL_BITS = 0xFF7FFFF1  # a finite float32 no kernel output should be: unwritten outputs
 
@@ -80,14 +80,14 @@ def load_file_module(name, path):
 # ---------------------------------------------------------------------------------------
 # The library (CUDA standalone build, or the host emulation)
 # ---------------------------------------------------------------------------------------
-EMULATION_SOURCE = os.path.join(ROOT, "tests", "cuda_emulation.cc")
+EMULATION_SOURCE = os.path.join(ROOT, "tests", "gpu", "cuda_emulation.cc")
 
 
 def build_emulation(out=None, verbose=True):
     """Compiles tests/cuda_emulation.cc with g++ (C++20) if stale; returns its path."""
     out = out or os.path.join(ROOT, "build", "cuda_emulation", "libtfaccum_cuda_emu.so")
     deps = [EMULATION_SOURCE]
-    for d in ("custom_ops/cuda", "custom_ops/cc"):
+    for d in ("custom_ops/cuda", "custom_ops/core"):
         full = os.path.join(ROOT, d)
         deps += [os.path.join(full, f) for f in os.listdir(full)
                  if f.endswith((".h", ".cuh"))]
@@ -96,7 +96,7 @@ def build_emulation(out=None, verbose=True):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-ffp-contract=off",
            "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           "-Wno-psabi", "-I" + os.path.join(ROOT, "custom_ops", "cc"),
+           "-Wno-psabi", "-I" + os.path.join(ROOT, "custom_ops", "core"),
            "-I" + os.path.join(ROOT, "custom_ops", "cuda"), EMULATION_SOURCE, "-o", out]
     if verbose:
         print(" ".join(cmd), flush=True)

@@ -20,7 +20,7 @@
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "../conv_geometry.h"
+#include "../../core/conv_geometry.h"
 #include "../shape_checks.h"
 #include "accum_attrs.h"
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "tensorflow/core/framework/op_kernel.h"
-#include "../gemm_engine.h"
+#include "../../cpu/gemm_engine.h"
 
 namespace tfaccum {
 

@@ -5,11 +5,11 @@ spills, and their logic matches the reference when run through the host emulatio
   architecture (sm_90, or $TFACCUM_TEST_CUDA_ARCH) with the flags every build uses
   (--fmad=false), checking ptxas's resource report. Skipped without nvcc.
 * test_emulated_kernels_match_reference: the device code (accum_kernels.cuh) compiled as
-  plain C++ by tests/cuda_emulation.cc and run by tests/gpu_check.py --emulate --quick:
+  plain C++ by tests/gpu/cuda_emulation.cc and run by tests/gpu/gpu_check.py --emulate --quick:
   every case under every tile shape, bit for bit against tfaccum/reference.py (and the
   script's timing code on tiny sizes). Skipped without g++.
 
-The real GPU check is tests/gpu_check.py on a GPU machine (see the README).
+The real GPU check is tests/gpu/gpu_check.py on a GPU machine (see the README).
 """
 
 import importlib.util

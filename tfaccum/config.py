@@ -273,7 +273,7 @@ class AccumConfig:
         return cls(**dict(d))
 
     def kernel_attrs(self) -> dict:
-        """The attributes every accumulation op takes (see custom_ops/cc/ops/accum_ops.cc)."""
+        """The attributes every accumulation op takes (see custom_ops/tf/ops/accum_ops.cc)."""
         return {
             "accumulator": self.accumulator.kernel_attr(),
             "product": [] if self.product is None else self.product.kernel_attr(),

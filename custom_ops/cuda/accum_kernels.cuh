@@ -1,7 +1,7 @@
 // Device code of tfaccum's CUDA kernels (included by accum_kernels.cu).
 //
 // Kept in a header so that the very same code can also be compiled as plain C++ by the
-// host emulation in tests/cuda_emulation.cc (which supplies threadIdx, __syncthreads and
+// host emulation in tests/gpu/cuda_emulation.cc (which supplies threadIdx, __syncthreads and
 // friends), so the indexing, tiling and chunk logic are tested against the Python
 // reference on machines without a GPU.
 //
@@ -364,7 +364,7 @@ inline int64_t prepare_tiles(GemmDesc* d, int64_t bm, int64_t bn) {
   return (d->M + bm - 1) / bm * d->col_tiles;
 }
 
-// The same construction as ReadAccumParams and WithStep in cc/kernels/accum_attrs.h (and
+// The same construction as ReadAccumParams and WithStep in tf/kernels/accum_attrs.h (and
 // the conv kernels' group attributes), without TF: `seed` is the configured seed, folded
 // with `step` into the stream seed as the TensorFlow kernels do.
 inline const char* make_params(const int32_t formats[12], int32_t has_product,

@@ -1,6 +1,6 @@
 """Builds tfaccum's CUDA kernels as a standalone shared library (no TensorFlow).
 
-For testing on a machine that has nvcc and a GPU but no TensorFlow (tests/gpu_check.py
+For testing on a machine that has nvcc and a GPU but no TensorFlow (tests/gpu/gpu_check.py
 loads the result with ctypes; the C interface is custom_ops/cuda/accum_launchers.h):
 
     python custom_ops/cuda/standalone.py [--arch native|sm_90|...] [--out PATH]

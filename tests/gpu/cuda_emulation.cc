@@ -5,12 +5,12 @@
 // are function statics (blocks run one after another). The library exports the same
 // C functions as the CUDA build (accum_launchers.h; pointers are host pointers, the
 // stream is ignored), tile shape hook included, so
-// tests/gpu_check.py --emulate runs its bit-exactness suite through it.
+// tests/gpu/gpu_check.py --emulate runs its bit-exactness suite through it.
 //
 // This checks the kernels' indexing, tiling, chunking and generator counters; it cannot
 // check what only a GPU can (nvcc's code generation, the CUDA runtime). Build:
 //   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread
-//       -Icustom_ops/cc -Icustom_ops/cuda tests/cuda_emulation.cc -o libemu.so
+//       -Icustom_ops/core -Icustom_ops/cuda tests/gpu/cuda_emulation.cc -o libemu.so
 #include <barrier>
 #include <cstdint>
 #include <cstdio>

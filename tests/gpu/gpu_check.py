@@ -4,10 +4,10 @@
 For a machine with nvcc, an NVIDIA GPU, NumPy and CuPy or PyTorch, and no TensorFlow.
 From the repository root:
 
-    python tests/gpu_check.py                 # build, check, time: the table comes last
-    python tests/gpu_check.py --skip-timing   # only the bit-exactness suite
-    python tests/gpu_check.py --emulate       # no GPU needed: the same suite through the
-                                              # host emulation (tests/cuda_emulation.cc)
+    python tests/gpu/gpu_check.py                # build, check, time: the table comes last
+    python tests/gpu/gpu_check.py --skip-timing  # only the bit-exactness suite
+    python tests/gpu/gpu_check.py --emulate      # no GPU needed: the same suite through the
+                                                 # host emulation (tests/gpu/cuda_emulation.cc)
 
 1. Builds the standalone library (custom_ops/cuda/standalone.py, `-arch=native`).
 2. Runs matmul (all four transposes), conv forward, input gradient, filter gradient and
@@ -84,7 +84,7 @@ EMULATION_SOURCE = os.path.join(ROOT, "tests", "gpu", "cuda_emulation.cc")
 
 
 def build_emulation(out=None, verbose=True):
-    """Compiles tests/cuda_emulation.cc with g++ (C++20) if stale; returns its path."""
+    """Compiles tests/gpu/cuda_emulation.cc with g++ (C++20) if stale; returns its path."""
     out = out or os.path.join(ROOT, "build", "cuda_emulation", "libtfaccum_cuda_emu.so")
     deps = [EMULATION_SOURCE]
     for d in ("custom_ops/cuda", "custom_ops/core"):

@@ -29,7 +29,9 @@ from tfaccum.ops import accum_conv2d, accum_matmul, quantize  # noqa: F401
 
 from tfaccum import layers  # noqa: E402,F401  (registers the layers with Keras, for loading)
 from tfaccum.layers import set_step_counter  # noqa: E402,F401
-from tfaccum.rewriting import accumulation_scope, rewrite, summary  # noqa: E402,F401
+from tfaccum.model_rewrite import rewrite  # noqa: E402,F401
+from tfaccum.model_summary import summary  # noqa: E402,F401
+from tfaccum.scope import accumulation_scope  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

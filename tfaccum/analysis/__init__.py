@@ -32,8 +32,8 @@ Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)
 
 from tfaccum.analysis.measure import GemmErrors, GemmProbe
 from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
-from tfaccum.analysis.predict import (GemmStatistics, Statistics, gemm_layers, layer_lengths,
-                                      measure_sparsity, measure_statistics, predict)
+from tfaccum.analysis.predict import (GemmStatistics, Statistics, measure_sparsity,
+                                      measure_statistics, predict)
 from tfaccum.analysis.vrr import (
     CRITERIA,
     DEFAULT_MAX_RELATIVE_LOSS,
@@ -52,6 +52,7 @@ from tfaccum.analysis.vrr import (
     vrr,
     vrr_monte_carlo,
 )
+from tfaccum.inventory import gemm_layers, layer_lengths  # which GEMMs a model has, how long
 
 __all__ = [
     "CRITERIA",

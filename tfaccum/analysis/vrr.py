@@ -866,7 +866,7 @@ def _kernel_dot_rows(products: np.ndarray, config) -> np.ndarray:
     """Each row of ``products`` accumulated by tfaccum's kernel (a [T, n] x ones[n, 1])."""
     import tensorflow as tf  # noqa: WPS433 - heavy import only where needed
 
-    from tfaccum import accum_matmul  # noqa: WPS433
+    from tfaccum.ops import accum_matmul  # noqa: WPS433
 
     ones = tf.ones([products.shape[1], 1], tf.float32)
     out = accum_matmul(tf.constant(products), ones, config)

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from tfaccum.inventory import gemm_layers
 from tfaccum.layers import set_step_counter
 from tfaccum.training import callbacks as cb
 from tfaccum.training import data as data_lib
@@ -155,7 +156,7 @@ def outputs_probabilities(model) -> bool:
 def add_weight_decay(model, weight_decay: float):
     """L2 on every Dense/Conv2D kernel: ``weight_decay * w`` added to its gradient."""
     if weight_decay:
-        for layer in pol.gemm_layers(model):
+        for layer in gemm_layers(model):
             layer.kernel.regularizer = keras.regularizers.L2(weight_decay / 2.0)
 
 

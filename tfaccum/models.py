@@ -200,7 +200,7 @@ def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), classes: int = 10, *,
     return keras.Model(inputs, outputs, name=name)
 
 
-#: Builders by name (the ``--model`` flag values of ``tfaccum.analyze`` and the driver).
+#: Builders by name (the ``--model`` flag values of ``python -m tfaccum.analysis`` and the driver).
 MODELS: Dict[str, Callable[..., keras.Model]] = {
     "resnet32": resnet32,
     "resnet18": resnet18,

@@ -15,6 +15,8 @@ from tfaccum.config import (  # noqa: F401
     BINARY16,
     BINARY32,
     FLOAT32,
+    FLOAT32_CONFIG,
+    FLOAT32_POLICY,
     FP8_E4M3,
     FP8_E5M2,
     FULL_PRECISION,

@@ -284,7 +284,12 @@ class AccumConfig:
         }
 
 
-FLOAT32 = AccumConfig()  # exact products, binary32 partial sums: the fmaf loop.
+# Three float32 defaults, one per kind of object:
+#   BINARY32        a FloatFormat, the binary32 number format (a preset like BINARY16);
+#   FLOAT32_CONFIG  an AccumConfig, one GEMM summed in binary32 with exact products;
+#   FLOAT32_POLICY  an AccumPolicy, all three GEMMs of a layer as FLOAT32_CONFIG.
+FLOAT32_CONFIG = AccumConfig()  # exact products, binary32 partial sums: the fmaf loop.
+FLOAT32 = FLOAT32_CONFIG  # the earlier name, kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +304,9 @@ class AccumPolicy:
         (nearest-even, straight-through gradient), e.g. FP8 E5M2 as in the paper.
     """
 
-    fwd: AccumConfig = FLOAT32
-    bwd: AccumConfig = FLOAT32
-    grad: AccumConfig = FLOAT32
+    fwd: AccumConfig = FLOAT32_CONFIG
+    bwd: AccumConfig = FLOAT32_CONFIG
+    grad: AccumConfig = FLOAT32_CONFIG
     operands: Optional[FloatFormat] = None
 
     def __post_init__(self):
@@ -346,9 +351,9 @@ class AccumPolicy:
         if unknown:
             raise ValueError(f"unknown AccumPolicy fields: {sorted(unknown)}")
         return cls(
-            fwd=AccumConfig.from_dict(d.get("fwd", FLOAT32.to_dict())),
-            bwd=AccumConfig.from_dict(d.get("bwd", FLOAT32.to_dict())),
-            grad=AccumConfig.from_dict(d.get("grad", FLOAT32.to_dict())),
+            fwd=AccumConfig.from_dict(d.get("fwd", FLOAT32_CONFIG.to_dict())),
+            bwd=AccumConfig.from_dict(d.get("bwd", FLOAT32_CONFIG.to_dict())),
+            grad=AccumConfig.from_dict(d.get("grad", FLOAT32_CONFIG.to_dict())),
             operands=None if d.get("operands") is None else FloatFormat.from_dict(d["operands"]),
         )
 
@@ -360,7 +365,8 @@ class AccumPolicy:
         return cls.from_dict(json.loads(text))
 
 
-FULL_PRECISION = AccumPolicy()
+FLOAT32_POLICY = AccumPolicy()  # what a tfaccum layer computes outside any scope
+FULL_PRECISION = FLOAT32_POLICY  # the earlier name, kept
 
 
 def as_policy(value: Union[AccumPolicy, AccumConfig]) -> AccumPolicy:

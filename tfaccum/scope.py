@@ -24,7 +24,7 @@ import contextlib
 import threading
 from typing import Any, Dict, Mapping, Optional, Union
 
-from tfaccum.config import FULL_PRECISION, AccumConfig, AccumPolicy, as_policy
+from tfaccum.config import FLOAT32_POLICY, AccumConfig, AccumPolicy, as_policy
 
 __all__ = ["accumulation_scope", "current_scope_policy", "coerce_policy", "register_twin",
            "PolicyLike"]
@@ -70,7 +70,7 @@ def coerce_policy(value: Optional[PolicyLike], *, what: str = "policy") -> Accum
     """
     if value is None:
         scoped = current_scope_policy()
-        return FULL_PRECISION if scoped is None else scoped
+        return FLOAT32_POLICY if scoped is None else scoped
     if isinstance(value, Mapping):
         return AccumPolicy.from_dict(value)
     if isinstance(value, (AccumPolicy, AccumConfig)):

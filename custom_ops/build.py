@@ -114,7 +114,9 @@ def build_library(out_path, cuda=False, verbose=False, jobs=None):
                 jobs_list.append([nvcc, "-c", path, "-o", obj, "-O3", "--fmad=false",
                                   "-ftz=false", "--threads", "0", "-std=c++17", "-Xcompiler",
                                   "-fPIC", "-I" + OPS_DIR] + cuda_arch_flags())
-        # Static, hidden CUDA runtime placed before TF's link flags (platform.md).
+        # The CUDA runtime linked statically with its symbols hidden, ahead of TensorFlow's
+        # link flags: the library needs no particular libcudart.so, and its runtime
+        # neither clashes with nor binds to the one TensorFlow loads.
         cuda_libs = ["-L" + os.path.join(cuda_home(), "lib64"), "-l:libcudart_static.a",
                      "-Wl,--exclude-libs,ALL", "-ldl", "-lrt", "-lpthread"]
 

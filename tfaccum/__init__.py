@@ -2,10 +2,13 @@
 
 Quickstart::
 
-    import tensorflow as tf, tfaccum
-    acc = tfaccum.FloatFormat(6, 9)                      # 6 exponent bits, 9 mantissa bits
-    cfg = tfaccum.AccumConfig(accumulator=acc, chunk_size=64)
-    y = tfaccum.accum_matmul(a, b, cfg)                  # every partial sum rounded to e6m9
+    >>> import tensorflow as tf, tfaccum
+    >>> acc = tfaccum.FloatFormat(6, 9)                  # 6 exponent bits, 9 mantissa bits
+    >>> cfg = tfaccum.AccumConfig(accumulator=acc, chunk_size=64)
+    >>> a, b = tf.ones([2, 3000]), tf.ones([3000, 4])
+    >>> y = tfaccum.accum_matmul(a, b, cfg)              # every partial sum rounded to e6m9
+    >>> y.shape, float(y[0, 0])
+    (TensorShape([2, 4]), 3000.0)
 
 See ``docs/numerics.md`` for exactly what is computed.
 """

@@ -3,6 +3,7 @@
 All three classes are frozen dataclasses that validate themselves on construction, print
 readably, and round-trip through plain dicts (and hence JSON)::
 
+    >>> from tfaccum.config import AccumConfig, FloatFormat
     >>> acc = FloatFormat(6, 9)
     >>> cfg = AccumConfig(accumulator=acc, chunk_size=64)
     >>> cfg

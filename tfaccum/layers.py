@@ -5,6 +5,7 @@
 originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
 and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`::
 
+    >>> import keras, tfaccum
     >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
     >>> layer = tfaccum.layers.AccumDense(10, activation="relu", policy=policy)
 
@@ -30,8 +31,12 @@ by its seed and a *step* (numerics §4). A layer takes its step from its
 ``step_counter``, which :func:`set_step_counter` points at a checkpointed counter,
 normally the optimizer's ``iterations``::
 
-    >>> model.compile(optimizer="sgd", loss=...)
-    >>> tfaccum.set_step_counter(model, model.optimizer.iterations)
+    >>> stochastic = tfaccum.AccumConfig("e6m9", rounding="stochastic", seed=1)
+    >>> model = keras.Sequential([keras.Input((16,)), layer,
+    ...                           tfaccum.layers.AccumDense(2, policy=stochastic)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> tfaccum.set_step_counter(model, model.optimizer.iterations)  # the layers it set
+    2
 
 Every training step then draws fresh bits, the same ones for the same ``(seed, step)``
 on any device and thread count, and a run restored from a checkpoint that holds the

@@ -5,17 +5,17 @@ Per tfaccum layer, the accumulation length of its FWD, BWD and GRAD GEMMs
 float32::
 
     >>> import keras, tfaccum
-    >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
+    >>> config = tfaccum.AccumConfig("e6m9", chunk_size=64)   # for all three GEMMs
     >>> model = tfaccum.rewrite(keras.Sequential([keras.Input((16,)),
-    ...                                           keras.layers.Dense(10, name="fc")]), policy)
-    >>> text = tfaccum.summary(model, batch_size=256)  # doctest: +NORMALIZE_WHITESPACE
+    ...                                           keras.layers.Dense(10, name="fc")]), config)
+    >>> text = tfaccum.summary(model, batch_size=256)
     tfaccum summary of model "sequential..." (batch size 256)
     ---...
-    Layer (type)      Input shape  GEMM  Length  Accumulation
+    Layer (type)     Input shape  GEMM  Length  Accumulation
     ---...
-    fc (AccumDense)   (None, 16)   FWD   16      e6m9, exact products, chunk 64, nearest-even
-                                   BWD   10      e8m23 (overflow=inf), exact products, sequential, nearest-even
-                                   GRAD  256     e8m23 (overflow=inf), exact products, sequential, nearest-even
+    fc (AccumDense)  (None, 16)   FWD   16      e6m9, exact products, chunk 64, nearest-even
+                                  BWD   10      e6m9, exact products, chunk 64, nearest-even
+                                  GRAD  256     e6m9, exact products, chunk 64, nearest-even
     ---...
     Emulated layers: 1
 """

@@ -6,7 +6,10 @@ uncompiled ``keras.Model`` made of standard ``keras.layers`` (``Conv2D``, ``Dens
 :func:`tfaccum.analysis.predict` apply to it directly. The last ``Dense`` layer is named
 ``"predictions"`` (the layer the paper keeps at high precision)::
 
+    >>> import tfaccum
     >>> model = tfaccum.models.resnet32(input_shape=(32, 32, 3), classes=10)
+    >>> model.layers[-1].name
+    'predictions'
     >>> model = tfaccum.models.get("resnet18")(classes=1000)
 
 =============  ==================  ===========================================================

@@ -171,6 +171,25 @@ def test_the_layers_module_imports_only_ops_config_and_scope():
                                                     "tfaccum.scope"}
 
 
+# The public names of the package before it was restructured (issue 15), all still there.
+PUBLIC_BEFORE = [
+    "AccumConfig", "AccumPolicy", "BFLOAT16", "BINARY16", "BINARY32", "FLOAT32", "FP8_E4M3",
+    "FP8_E5M2", "FULL_PRECISION", "FloatFormat", "PRESETS", "accum_conv2d", "accum_matmul",
+    "accumulation_scope", "as_format", "as_policy", "config", "layers", "ops", "quantize",
+    "rewrite", "rewriting", "set_step_counter", "summary", "reference", "analysis", "models",
+    "__version__"]
+
+
+def test_the_public_names_remain():
+    import tfaccum
+
+    missing = [name for name in PUBLIC_BEFORE if not hasattr(tfaccum, name)]
+    assert not missing, missing
+    assert tfaccum.rewriting.rewrite is tfaccum.rewrite
+    assert tfaccum.rewriting.summary is tfaccum.summary
+    assert tfaccum.rewriting.accumulation_scope is tfaccum.accumulation_scope
+
+
 # The checkers themselves.
 def test_checkers_on_a_synthetic_graph():
     levels = [("low", ["p.a", "p.b"]), ("high", ["p.c", "p.d", "p.sub.*"]),

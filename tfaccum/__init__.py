@@ -45,6 +45,7 @@ _LAZY = {
     "reference": ("tfaccum.reference", None),
     "analysis": ("tfaccum.analysis", None),
     "models": ("tfaccum.models", None),
+    "rewriting": ("tfaccum.rewriting", None),  # the old module of rewrite/summary, an alias
 }
 
 

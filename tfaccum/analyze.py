@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional
 
 from tfaccum.analysis import cli
-from tfaccum.analysis.cli import FLAGS, UsageError, run  # noqa: F401
+from tfaccum.analysis.cli import *  # noqa: F401,F403  (every public name, as before)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -300,3 +300,4 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
 TWINS = {keras.layers.Dense: AccumDense, keras.layers.Conv2D: AccumConv2D}
 for _base, _twin in TWINS.items():  # what tfaccum.accumulation_scope constructs instead
     register_twin(_base, _twin)
+del _base, _twin

@@ -2,7 +2,8 @@
 ``python -m tfaccum.train`` (the README's form), the ``tfaccum-train`` script and code
 importing this module work as before."""
 
-from tfaccum.training.cli import FLAGS, main, parse, run, settings_from_flags  # noqa: F401
+from tfaccum.training.cli import *  # noqa: F401,F403  (every public name, as before)
+from tfaccum.training.cli import main  # noqa: F401  (the tfaccum-train console script)
 
 if __name__ == "__main__":
     from tfaccum.training.cli import command_line

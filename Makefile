@@ -13,7 +13,7 @@ cuda-standalone:
 	$(PYTHON) custom_ops/cuda/standalone.py
 
 gpu-check:
-	$(PYTHON) tests/gpu_check.py
+	$(PYTHON) tests/gpu/gpu_check.py
 
 test: all
 	$(PYTHON) -m pytest -q tests

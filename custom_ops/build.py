@@ -15,13 +15,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CC_DIR = os.path.join(ROOT, "custom_ops", "cc")
-CUDA_DIR = os.path.join(ROOT, "custom_ops", "cuda")
+OPS_DIR = os.path.join(ROOT, "custom_ops")
+CUDA_DIR = os.path.join(OPS_DIR, "cuda")
 BUILD_DIR = os.path.join(ROOT, "build", "ops")
 
 # The TF-free engine; the op registrations; the CPU kernels.
-CPU_SOURCES = ["gemm_engine.cc", "ops/accum_ops.cc"] + sorted(
-    os.path.relpath(p, CC_DIR) for p in glob.glob(os.path.join(CC_DIR, "kernels", "*.cc")))
+CPU_SOURCES = ["cpu/gemm_engine.cc", "tf/ops/accum_ops.cc"] + sorted(
+    os.path.relpath(p, OPS_DIR) for p in glob.glob(os.path.join(OPS_DIR, "tf", "kernels", "*.cc")))
 # IEEE arithmetic exactly as written: no FMA contraction, no fast-math.
 COMMON_FLAGS = ["-O3", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-Wall",
                 "-Wno-psabi", "-Wno-sign-compare", "-Wno-unknown-pragmas",
@@ -69,7 +69,7 @@ def write_version_record(library_path, version=None):
 
 def _headers():
     found = []
-    for pattern in ("**/*.h", "**/*.cuh"):
+    for pattern in ("**/*.h", "**/*.cuh", "**/*.inc"):
         found += glob.glob(os.path.join(ROOT, "custom_ops", pattern), recursive=True)
     return found
 
@@ -97,12 +97,12 @@ def build_library(out_path, cuda=False, verbose=False, jobs=None):
     jobs_list = []
     objects = []
     for src in CPU_SOURCES:
-        path = os.path.join(CC_DIR, src)
+        path = os.path.join(OPS_DIR, src)
         obj = os.path.join(BUILD_DIR, src.replace("/", "_") + (".cuda" if cuda else "") + ".o")
         objects.append(obj)
         if _stale(obj, [path] + headers):
             jobs_list.append([cxx, "-c", path, "-o", obj] + COMMON_FLAGS + compile_flags +
-                             defines + ["-I" + CC_DIR])
+                             defines + ["-I" + OPS_DIR])
     cuda_libs = []
     if cuda:
         nvcc = os.path.join(cuda_home(), "bin", "nvcc")
@@ -113,8 +113,10 @@ def build_library(out_path, cuda=False, verbose=False, jobs=None):
                 # --fmad=false: TwoSum must not be contracted; -ftz=false: keep subnormals.
                 jobs_list.append([nvcc, "-c", path, "-o", obj, "-O3", "--fmad=false",
                                   "-ftz=false", "--threads", "0", "-std=c++17", "-Xcompiler",
-                                  "-fPIC", "-I" + CC_DIR] + cuda_arch_flags())
-        # Static, hidden CUDA runtime placed before TF's link flags (platform.md).
+                                  "-fPIC", "-I" + OPS_DIR] + cuda_arch_flags())
+        # The CUDA runtime linked statically with its symbols hidden, ahead of TensorFlow's
+        # link flags: the library needs no particular libcudart.so, and its runtime
+        # neither clashes with nor binds to the one TensorFlow loads.
         cuda_libs = ["-L" + os.path.join(cuda_home(), "lib64"), "-l:libcudart_static.a",
                      "-Wl,--exclude-libs,ALL", "-ldl", "-lrt", "-lpthread"]
 

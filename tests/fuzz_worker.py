@@ -364,7 +364,8 @@ def _public_padding(conv):
 
 
 def edge_cases():
-    """Hand-picked inputs: the issue's reproducers and every boundary the rules have."""
+    """Hand-picked inputs: those of tests/test_limits.py that once crashed the process, and
+    every boundary the rules have."""
     v = _values(np.random.default_rng(0), 0.0)
     acc = {"accumulator": list(F32), "product": [], "chunk_size": 0,
            "chunk_accumulator": list(F32), "rounding": "nearest_even", "seed": 0}

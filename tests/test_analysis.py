@@ -8,8 +8,9 @@ The analytical/Monte Carlo agreement tolerance (docs/vrr.md, section 7): with
 
 i.e. 30 % of the lost variance, or 0.05 (1.3 % of ln 50) where almost nothing is lost;
 and the predicted bits agree within one bit. The default run checks a subset of the
-grid (about 40 s of CPU); ``TFACCUM_FULL_GRID=1`` runs the whole grid of the issue (n from 16 to
-1e5, m_acc 3..16, m_p in {2, 5, 10, 23}, sequential and chunk 64; about 20 minutes).
+grid (about 40 s of CPU); ``TFACCUM_FULL_GRID=1`` runs the whole grid of docs/vrr.md
+section 9 (n from 16 to 1e5, m_acc 3..16, m_p in {2, 5, 10, 23}, sequential and chunk
+64; about 20 minutes).
 """
 
 import json

@@ -18,6 +18,16 @@ def test_reprs_are_readable():
     assert "operands=e5m2" in repr(AccumPolicy(operands=tfaccum.FP8_E5M2))
 
 
+def test_the_three_float32_names_are_a_format_a_config_and_a_policy():
+    assert isinstance(tfaccum.BINARY32, FloatFormat)
+    assert tfaccum.FLOAT32_CONFIG == AccumConfig(accumulator=tfaccum.BINARY32)
+    assert tfaccum.FLOAT32_CONFIG.is_exact_float32
+    assert tfaccum.FLOAT32_POLICY == AccumPolicy.uniform(tfaccum.FLOAT32_CONFIG)
+    # The earlier names stay, as the very same objects.
+    assert tfaccum.FLOAT32 is tfaccum.FLOAT32_CONFIG
+    assert tfaccum.FULL_PRECISION is tfaccum.FLOAT32_POLICY
+
+
 def test_presets():
     assert (tfaccum.BINARY32.exponent_bits, tfaccum.BINARY32.mantissa_bits) == (8, 23)
     assert (tfaccum.BINARY16.exponent_bits, tfaccum.BINARY16.mantissa_bits) == (5, 10)

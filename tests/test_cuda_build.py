@@ -5,11 +5,13 @@ spills, and their logic matches the reference when run through the host emulatio
   architecture (sm_90, or $TFACCUM_TEST_CUDA_ARCH) with the flags every build uses
   (--fmad=false), checking ptxas's resource report. Skipped without nvcc.
 * test_emulated_kernels_match_reference: the device code (accum_kernels.cuh) compiled as
-  plain C++ by tests/cuda_emulation.cc and run by tests/gpu_check.py --emulate --quick:
-  every case under every tile shape, bit for bit against tfaccum/reference.py (and the
-  script's timing code on tiny sizes). Skipped without g++.
+  plain C++ by tests/gpu/cuda_emulation.cc and run by tests/gpu/gpu_check.py --emulate
+  --quick: every case under every tile shape, bit for bit against tfaccum/reference.py
+  (subnormals off in each format a GEMM uses among them), every field of the AccumParams
+  the launchers' helper builds (flushes_subnormals included), and the script's timing
+  code on tiny sizes. Skipped without g++.
 
-The real GPU check is tests/gpu_check.py on a GPU machine (see the README).
+The real GPU check is tests/gpu/gpu_check.py on a GPU machine (see the README).
 """
 
 import importlib.util
@@ -36,12 +38,25 @@ def _standalone():
 standalone = _standalone()
 
 
+def _includes(path):
+    return re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', open(path).read(), re.M)
+
+
 def test_cuda_sources_are_framework_free():
     for name in os.listdir(CUDA_DIR):
         if name.endswith((".cu", ".cuh", ".h")):
-            text = open(os.path.join(CUDA_DIR, name)).read()
-            includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', text, re.M)
+            includes = _includes(os.path.join(CUDA_DIR, name))
             assert not [i for i in includes if "tensorflow" in i or "Eigen" in i], name
+
+
+def test_core_is_free_of_tensorflow_and_cuda():
+    # custom_ops/core is shared by the CPU engine, the TensorFlow kernels and the CUDA
+    # kernels (docs/architecture.md): it may include only the C/C++ library and itself.
+    core = os.path.join(ROOT, "custom_ops", "core")
+    for name in os.listdir(core):
+        for include in _includes(os.path.join(core, name)):
+            assert "/" not in include and not include.startswith(("cuda", "cu")) \
+                and "tensorflow" not in include and "Eigen" not in include, (name, include)
 
 
 def test_nvcc_compiles_without_spills(tmp_path):
@@ -70,7 +85,7 @@ def test_emulated_kernels_match_reference():
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler for the host emulation")
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "--emulate", "--quick",
+        [sys.executable, os.path.join(ROOT, "tests", "gpu", "gpu_check.py"), "--emulate", "--quick",
          "--quiet", "--smoke-timing", "--workers", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     output = result.stdout + result.stderr

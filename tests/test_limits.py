@@ -17,7 +17,7 @@ BIG = 2 ** 62
 # name -> code setting `result`. Each is one input that used to abort, hang or give a
 # nonsense shape.
 SHAPE_SNIPPETS = {
-    # The four reproducers of the issue (TensorShape CHECK aborts).
+    # Four inputs that once aborted the process (TensorShape CHECK failures).
     "matmul_output_overflows": """result = eager_and_graph(
         lambda a, b: tfaccum.accum_matmul(a, b, tfaccum.AccumConfig()),
         tf.zeros([2**33, 0]), tf.zeros([0, 2**33]))""",
@@ -121,7 +121,7 @@ result = [list(_y.shape), bool(np.all(_y == 0) and not np.any(np.signbit(_y))),
           time.perf_counter() - _t0]
 """
 EMPTY_SUM_SNIPPETS = {
-    # The hang of the issue: Cout = 0 with a filter of 2^60 taps.
+    # An input that once hung: Cout = 0 with a filter of 2^60 taps.
     "backprop_input_cout_0_huge_filter": _TIMED.format(call="""lib.tfaccum_conv2d_backprop_input(
         tf.constant([1, 1, 1, 1]), tf.zeros([2**30, 2**30, 1, 0]), tf.zeros([1, 1, 1, 0]), 0)"""),
     "conv2d_cin_0_huge_filter": _TIMED.format(call="""tfaccum.accum_conv2d(
@@ -170,7 +170,7 @@ cfg = tfaccum.AccumConfig(accumulator="e8m10")
 tfaccum.accum_matmul(tf.ones([1, 4]), tf.ones([4, 1]), cfg)  # thread pools, library: warm
 """
 MEMORY_SNIPPETS = {
-    # The issue's reproducer: 1 GiB above current use, operands created under the limit.
+    # Once a crash: 1 GiB above current use, operands created under the limit.
     "matmul_n1_one_gib_headroom": _MEMORY_PRELUDE + """
 resource.setrlimit(resource.RLIMIT_AS, (_address_space() + 2**30, resource.RLIM_INFINITY))
 result = outcome(lambda: tfaccum.accum_matmul(tf.ones([1, 2**25]), tf.ones([2**25, 1]), cfg))

@@ -46,10 +46,10 @@ SCRIPT_RUNS = {
 }
 
 
-def _check_run(name, command):
+def _check_run(name, command, cwd=None):
     args, status, expected = SCRIPT_RUNS[name]
     result = subprocess.run(command + args, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), cwd=cwd)
     output = result.stdout + result.stderr
     assert result.returncode == status, f"{name}: status {result.returncode}\n{output[-3000:]}"
     assert expected in output, f"{name}:\n{output[-3000:]}"
@@ -76,6 +76,18 @@ def test_console_script_entry_points_of_this_checkout_run(name):
     wrapper = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.argv[0] = {name!r}; "
                f"from {module} import {attr}; sys.exit({attr}())")
     _check_run(name, [sys.executable, "-c", wrapper])
+
+
+# The package that runs with `python -m` the command line of each script.
+PACKAGE_MAINS = {"tfaccum-analyze": "tfaccum.analysis", "tfaccum-train": "tfaccum.training"}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPT_RUNS))
+def test_python_m_runs_the_package_command_lines(name):
+    """`python -m tfaccum.analysis` / `python -m tfaccum.training` (the packages'
+    __main__.py) do what the scripts do; the old `python -m tfaccum.analyze` /
+    `tfaccum.train` are tested in test_analysis.py and test_train.py."""
+    _check_run(name, [sys.executable, "-m", PACKAGE_MAINS[name]], cwd=ROOT)  # this checkout
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPT_RUNS))

@@ -1,4 +1,5 @@
-"""tfaccum.rewrite, tfaccum.accumulation_scope and tfaccum.summary."""
+"""tfaccum.rewrite, tfaccum.accumulation_scope and tfaccum.summary (tfaccum.model_rewrite,
+tfaccum.scope, tfaccum.model_summary and the lengths of tfaccum.inventory)."""
 
 import os
 import re
@@ -13,7 +14,8 @@ import tensorflow as tf  # noqa: E402
 
 import tfaccum  # noqa: E402
 from tfaccum.layers import AccumConv2D, AccumDense  # noqa: E402
-from tfaccum.rewriting import NotEmulatedWarning, gemm_lengths  # noqa: E402
+from tfaccum.inventory import gemm_lengths  # noqa: E402
+from tfaccum.model_rewrite import NotEmulatedWarning  # noqa: E402
 
 FULL = tfaccum.AccumPolicy()
 NARROW = tfaccum.AccumPolicy.uniform(
@@ -416,3 +418,41 @@ def test_summary_lengths():
     no_batch = {r.layer: r for r in gemm_lengths(model)}
     assert no_batch["c"].grad is None and no_batch["c"].grad_per_example == 16
     assert "B*16" in tfaccum.summary(model, print_fn=None)
+
+
+def test_summary_rows_follow_the_model_order_into_nested_layers():
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.first = keras.layers.Dense(4, name="block_first")
+            self.second = keras.layers.Dense(3, name="block_second")
+
+        def call(self, x):
+            return self.second(self.first(x))
+
+    with tfaccum.accumulation_scope(NARROW):
+        inner = keras.Sequential([keras.layers.Dense(5, name="inner_first"),
+                                  keras.layers.Dense(4, name="inner_second")], name="inner")
+        inp = keras.Input((6,))
+        out = keras.layers.Dense(2, name="last")(Block(name="block")(inner(inp)))
+        model = keras.Model(inp, out)
+    assert [r.layer for r in gemm_lengths(model, batch_size=8)] == [
+        "inner_first", "inner_second", "block_first", "block_second", "last"]
+    assert [r.fwd for r in gemm_lengths(model)] == [6, 5, 4, 4, 3]
+
+
+def test_rewriting_still_exports_its_names():
+    # tfaccum.rewriting was split into scope, model_rewrite, model_summary and inventory;
+    # code that imported from it keeps working.
+    from tfaccum import inventory, model_rewrite, model_summary, rewriting, scope
+
+    assert rewriting.rewrite is model_rewrite.rewrite is tfaccum.rewrite
+    assert rewriting.summary is model_summary.summary is tfaccum.summary
+    assert rewriting.accumulation_scope is scope.accumulation_scope is \
+        tfaccum.accumulation_scope
+    assert rewriting.current_scope_policy is scope.current_scope_policy
+    assert rewriting.gemm_lengths is inventory.gemm_lengths
+    assert rewriting.GemmLengths is inventory.GemmLengths
+    assert rewriting.RewriteReport is model_rewrite.RewriteReport
+    assert rewriting.NotEmulatedWarning is NotEmulatedWarning
+    assert tfaccum.layers.coerce_policy is scope.coerce_policy

@@ -356,3 +356,23 @@ def test_run_specs_of_the_experiments():
     assert [(s.name, s.seed) for s in specs[:5]] == [
         ("fp32", 0), ("predicted", 0), ("predicted-1", 0), ("predicted-2", 0), ("fp32", 1)]
     assert len(specs) == 20 and specs[-1].directory == "predicted-2/seed4"
+
+
+@pytest.mark.parametrize("after", ["constant", "step"])
+def test_warmup_schedule_config_round_trips(after):
+    import keras
+    import numpy as np
+
+    from tfaccum.training.experiment import WarmupSchedule
+
+    then = 0.05 if after == "constant" else \
+        keras.optimizers.schedules.PiecewiseConstantDecay([6], [0.1, 0.01])
+    schedule = WarmupSchedule(then, warmup_steps=4, peak=0.1)
+    for copy in (WarmupSchedule.from_config(schedule.get_config()),
+                 keras.optimizers.schedules.deserialize(
+                     keras.optimizers.schedules.serialize(schedule))):
+        assert type(copy) is WarmupSchedule
+        steps = range(10)
+        np.testing.assert_array_equal([float(copy(s)) for s in steps],
+                                      [float(schedule(s)) for s in steps])
+        assert copy.get_config() == schedule.get_config()

@@ -2,10 +2,13 @@
 
 Quickstart::
 
-    import tensorflow as tf, tfaccum
-    acc = tfaccum.FloatFormat(6, 9)                      # 6 exponent bits, 9 mantissa bits
-    cfg = tfaccum.AccumConfig(accumulator=acc, chunk_size=64)
-    y = tfaccum.accum_matmul(a, b, cfg)                  # every partial sum rounded to e6m9
+    >>> import tensorflow as tf, tfaccum
+    >>> acc = tfaccum.FloatFormat(6, 9)                  # 6 exponent bits, 9 mantissa bits
+    >>> cfg = tfaccum.AccumConfig(accumulator=acc, chunk_size=64)
+    >>> a, b = tf.ones([2, 3000]), tf.ones([3000, 4])
+    >>> y = tfaccum.accum_matmul(a, b, cfg)              # every partial sum rounded to e6m9
+    >>> y.shape, float(y[0, 0])
+    (TensorShape([2, 4]), 3000.0)
 
 See ``docs/numerics.md`` for exactly what is computed.
 """
@@ -15,6 +18,8 @@ from tfaccum.config import (  # noqa: F401
     BINARY16,
     BINARY32,
     FLOAT32,
+    FLOAT32_CONFIG,
+    FLOAT32_POLICY,
     FP8_E4M3,
     FP8_E5M2,
     FULL_PRECISION,
@@ -29,7 +34,9 @@ from tfaccum.ops import accum_conv2d, accum_matmul, quantize  # noqa: F401
 
 from tfaccum import layers  # noqa: E402,F401  (registers the layers with Keras, for loading)
 from tfaccum.layers import set_step_counter  # noqa: E402,F401
-from tfaccum.rewriting import accumulation_scope, rewrite, summary  # noqa: E402,F401
+from tfaccum.model_rewrite import rewrite  # noqa: E402,F401
+from tfaccum.model_summary import summary  # noqa: E402,F401
+from tfaccum.scope import accumulation_scope  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
@@ -38,6 +45,7 @@ _LAZY = {
     "reference": ("tfaccum.reference", None),
     "analysis": ("tfaccum.analysis", None),
     "models": ("tfaccum.models", None),
+    "rewriting": ("tfaccum.rewriting", None),  # the old module of rewrite/summary, an alias
 }
 
 

@@ -3,6 +3,7 @@
 All three classes are frozen dataclasses that validate themselves on construction, print
 readably, and round-trip through plain dicts (and hence JSON)::
 
+    >>> from tfaccum.config import AccumConfig, FloatFormat
     >>> acc = FloatFormat(6, 9)
     >>> cfg = AccumConfig(accumulator=acc, chunk_size=64)
     >>> cfg
@@ -273,7 +274,7 @@ class AccumConfig:
         return cls(**dict(d))
 
     def kernel_attrs(self) -> dict:
-        """The attributes every accumulation op takes (see custom_ops/cc/ops/accum_ops.cc)."""
+        """The attributes every accumulation op takes (see custom_ops/tf/ops/accum_ops.cc)."""
         return {
             "accumulator": self.accumulator.kernel_attr(),
             "product": [] if self.product is None else self.product.kernel_attr(),
@@ -284,7 +285,12 @@ class AccumConfig:
         }
 
 
-FLOAT32 = AccumConfig()  # exact products, binary32 partial sums: the fmaf loop.
+# Three float32 defaults, one per kind of object:
+#   BINARY32        a FloatFormat, the binary32 number format (a preset like BINARY16);
+#   FLOAT32_CONFIG  an AccumConfig, one GEMM summed in binary32 with exact products;
+#   FLOAT32_POLICY  an AccumPolicy, all three GEMMs of a layer as FLOAT32_CONFIG.
+FLOAT32_CONFIG = AccumConfig()  # exact products, binary32 partial sums: the fmaf loop.
+FLOAT32 = FLOAT32_CONFIG  # the earlier name, kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +305,9 @@ class AccumPolicy:
         (nearest-even, straight-through gradient), e.g. FP8 E5M2 as in the paper.
     """
 
-    fwd: AccumConfig = FLOAT32
-    bwd: AccumConfig = FLOAT32
-    grad: AccumConfig = FLOAT32
+    fwd: AccumConfig = FLOAT32_CONFIG
+    bwd: AccumConfig = FLOAT32_CONFIG
+    grad: AccumConfig = FLOAT32_CONFIG
     operands: Optional[FloatFormat] = None
 
     def __post_init__(self):
@@ -346,9 +352,9 @@ class AccumPolicy:
         if unknown:
             raise ValueError(f"unknown AccumPolicy fields: {sorted(unknown)}")
         return cls(
-            fwd=AccumConfig.from_dict(d.get("fwd", FLOAT32.to_dict())),
-            bwd=AccumConfig.from_dict(d.get("bwd", FLOAT32.to_dict())),
-            grad=AccumConfig.from_dict(d.get("grad", FLOAT32.to_dict())),
+            fwd=AccumConfig.from_dict(d.get("fwd", FLOAT32_CONFIG.to_dict())),
+            bwd=AccumConfig.from_dict(d.get("bwd", FLOAT32_CONFIG.to_dict())),
+            grad=AccumConfig.from_dict(d.get("grad", FLOAT32_CONFIG.to_dict())),
             operands=None if d.get("operands") is None else FloatFormat.from_dict(d["operands"]),
         )
 
@@ -360,7 +366,8 @@ class AccumPolicy:
         return cls.from_dict(json.loads(text))
 
 
-FULL_PRECISION = AccumPolicy()
+FLOAT32_POLICY = AccumPolicy()  # what a tfaccum layer computes outside any scope
+FULL_PRECISION = FLOAT32_POLICY  # the earlier name, kept
 
 
 def as_policy(value: Union[AccumPolicy, AccumConfig]) -> AccumPolicy:

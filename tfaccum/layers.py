@@ -5,6 +5,7 @@
 originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
 and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`::
 
+    >>> import keras, tfaccum
     >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
     >>> layer = tfaccum.layers.AccumDense(10, activation="relu", policy=policy)
 
@@ -30,8 +31,12 @@ by its seed and a *step* (numerics §4). A layer takes its step from its
 ``step_counter``, which :func:`set_step_counter` points at a checkpointed counter,
 normally the optimizer's ``iterations``::
 
-    >>> model.compile(optimizer="sgd", loss=...)
-    >>> tfaccum.set_step_counter(model, model.optimizer.iterations)
+    >>> stochastic = tfaccum.AccumConfig("e6m9", rounding="stochastic", seed=1)
+    >>> model = keras.Sequential([keras.Input((16,)), layer,
+    ...                           tfaccum.layers.AccumDense(2, policy=stochastic)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> tfaccum.set_step_counter(model, model.optimizer.iterations)  # the layers it set
+    2
 
 Every training step then draws fresh bits, the same ones for the same ``(seed, step)``
 on any device and thread count, and a run restored from a checkpoint that holds the
@@ -51,37 +56,17 @@ inputs instead.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Optional, Union
+from typing import Optional
 
 import keras
 import tensorflow as tf
 
-import tfaccum
-from tfaccum.config import FULL_PRECISION, AccumConfig, AccumPolicy, as_policy
+from tfaccum.config import AccumPolicy
+from tfaccum.ops import accum_conv2d, accum_matmul
+from tfaccum.scope import PolicyLike, coerce_policy, register_twin
 
 __all__ = ["AccumDense", "AccumConv2D", "coerce_policy", "set_step_counter",
            "StepCounterWarning", "TWINS"]
-
-PolicyLike = Union[AccumPolicy, AccumConfig, Mapping[str, Any]]
-
-
-def coerce_policy(value: Optional[PolicyLike], *, what: str = "policy") -> AccumPolicy:
-    """An AccumPolicy from an AccumPolicy, an AccumConfig (all three GEMMs) or a dict.
-
-    ``None`` gives the policy of the innermost active ``tfaccum.accumulation_scope``, or
-    the full-precision policy outside any scope.
-    """
-    if value is None:
-        from tfaccum.rewriting import current_scope_policy  # noqa: WPS433 (cycle)
-
-        scoped = current_scope_policy()
-        return FULL_PRECISION if scoped is None else scoped
-    if isinstance(value, Mapping):
-        return AccumPolicy.from_dict(value)
-    if isinstance(value, (AccumPolicy, AccumConfig)):
-        return as_policy(value)
-    raise TypeError(f"{what} must be a tfaccum.AccumPolicy, a tfaccum.AccumConfig or a dict "
-                    f"from AccumPolicy.to_dict(), got {type(value).__name__}")
 
 
 class StepCounterWarning(UserWarning):
@@ -252,11 +237,11 @@ class AccumDense(_AccumMixin, keras.layers.Dense):
         in_features = kernel.shape[0]
         step = self._current_step(training)
         if x.shape.rank == 2:
-            y = tfaccum.accum_matmul(x, kernel, self._accum_policy, step=step)
+            y = accum_matmul(x, kernel, self._accum_policy, step=step)
         else:
             lead = tf.shape(x)[:-1]
-            y = tfaccum.accum_matmul(tf.reshape(x, [-1, in_features]), kernel,
-                                     self._accum_policy, step=step)
+            y = accum_matmul(tf.reshape(x, [-1, in_features]), kernel, self._accum_policy,
+                             step=step)
             y = tf.reshape(y, tf.concat([lead, [self.units]], axis=0))
             y.set_shape(x.shape[:-1].concatenate([self.units]))
         if y.dtype != self.compute_dtype:
@@ -303,10 +288,9 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
         if channels_first:
             x = tf.transpose(x, [0, 2, 3, 1])
         # groups > 1: accum_conv2d runs one op per group (w is [KH, KW, Cin/groups, Cout]).
-        y = tfaccum.accum_conv2d(x, w, self._accum_policy, strides=tuple(self.strides),
-                                 padding=self.padding.upper(),
-                                 dilations=tuple(self.dilation_rate),
-                                 step=self._current_step(self._tfaccum_step.training))
+        y = accum_conv2d(x, w, self._accum_policy, strides=tuple(self.strides),
+                         padding=self.padding.upper(), dilations=tuple(self.dilation_rate),
+                         step=self._current_step(self._tfaccum_step.training))
         if channels_first:
             y = tf.transpose(y, [0, 3, 1, 2])
         return y if y.dtype == out_dtype else tf.cast(y, out_dtype)
@@ -314,3 +298,6 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
 
 #: The exact Keras class each tfaccum layer stands in for.
 TWINS = {keras.layers.Dense: AccumDense, keras.layers.Conv2D: AccumConv2D}
+for _base, _twin in TWINS.items():  # what tfaccum.accumulation_scope constructs instead
+    register_twin(_base, _twin)
+del _base, _twin

@@ -6,7 +6,10 @@ uncompiled ``keras.Model`` made of standard ``keras.layers`` (``Conv2D``, ``Dens
 :func:`tfaccum.analysis.predict` apply to it directly. The last ``Dense`` layer is named
 ``"predictions"`` (the layer the paper keeps at high precision)::
 
+    >>> import tfaccum
     >>> model = tfaccum.models.resnet32(input_shape=(32, 32, 3), classes=10)
+    >>> model.layers[-1].name
+    'predictions'
     >>> model = tfaccum.models.get("resnet18")(classes=1000)
 
 =============  ==================  ===========================================================
@@ -200,7 +203,7 @@ def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), classes: int = 10, *,
     return keras.Model(inputs, outputs, name=name)
 
 
-#: Builders by name (the ``--model`` flag values of ``tfaccum.analyze`` and the driver).
+#: Builders by name (the ``--model`` flag values of ``python -m tfaccum.analysis`` and the driver).
 MODELS: Dict[str, Callable[..., keras.Model]] = {
     "resnet32": resnet32,
     "resnet18": resnet18,

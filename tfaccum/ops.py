@@ -7,8 +7,16 @@ the gradient of a GEMM is two more GEMMs of the same op, accumulated with the po
 attribute, and drawing from the forward op's ``step`` (its last input: the training step
 whose stochastic-rounding stream the op uses, numerics §4).
 
-    >>> cfg = tfaccum.AccumConfig(accumulator=tfaccum.FloatFormat(6, 9), chunk_size=64)
-    >>> y = tfaccum.accum_matmul(a, b, cfg)          # every partial sum rounded to e6m9
+    >>> import tensorflow as tf, tfaccum
+    >>> a, b = tf.ones([2, 3000]), tf.ones([3000, 4])
+    >>> cfg = tfaccum.AccumConfig(accumulator=tfaccum.FloatFormat(6, 9))
+    >>> float(tfaccum.accum_matmul(a, b, cfg)[0, 0])   # every partial sum rounded to e6m9
+    1024.0
+    >>> float(tfaccum.accum_matmul(a, b, cfg.replace(chunk_size=64))[0, 0])  # chunks of 64
+    3000.0
+
+At 1024 the spacing of e6m9 is 2, so adding 1 is a tie that rounds back to 1024: the
+sequential sum is swamped there, while the chunks' partial sums never get that large.
 """
 
 from __future__ import annotations

@@ -111,6 +111,7 @@ Example::
 
     >>> import numpy as np
     >>> from tfaccum.config import AccumConfig, FloatFormat
+    >>> from tfaccum.reference import dot, round_to_format
     >>> round_to_format(1 + 2**-11, FloatFormat(5, 10))      # a tie: goes to the even 1.0
     1.0
     >>> cfg = AccumConfig(accumulator=FloatFormat(5, 10))     # half-precision partial sums

@@ -13,6 +13,7 @@
 
 #include "accum_kernels.cuh"
 #include "accum_launchers.h"
+#include "launcher_helpers.h"
 
 namespace tfaccum {
 namespace cuda {
@@ -197,36 +198,6 @@ const char* tfaccum_cuda_error_string(int code) {
 
 void tfaccum_cuda_set_tile_shape(int32_t shape) {
   tfaccum::cuda::g_forced_shape.store(shape, std::memory_order_relaxed);
-}
-
-int32_t tfaccum_cuda_abi_version(void) { return TFACCUM_CUDA_ABI_VERSION; }
-int64_t tfaccum_cuda_params_bytes(void) { return sizeof(AccumParams); }
-int64_t tfaccum_cuda_format_bytes(void) { return sizeof(FormatParams); }
-int64_t tfaccum_cuda_geometry_bytes(void) { return sizeof(ConvGeometry); }
-
-const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_product,
-                                     int32_t rounding, int64_t chunk_size, uint64_t seed,
-                                     int64_t step, int64_t group, int64_t groups,
-                                     void* params_out) {
-  return tfaccum::cuda::make_params(formats, has_product, rounding, chunk_size, seed, step,
-                                    group, groups, static_cast<AccumParams*>(params_out));
-}
-
-const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding,
-                                     void* format_out) {
-  return tfaccum::cuda::make_format(format, rounding, static_cast<FormatParams*>(format_out));
-}
-
-const char* tfaccum_cuda_make_conv_geometry(const int64_t args[16], void* geometry_out,
-                                            int64_t dims_out[4]) {
-  ConvGeometry g{};
-  if (const char* e = tfaccum::cuda::make_conv_geometry(args, &g)) return e;
-  *static_cast<ConvGeometry*>(geometry_out) = g;
-  if (dims_out != nullptr) {
-    dims_out[0] = g.out_h, dims_out[1] = g.out_w, dims_out[2] = g.pad_top,
-    dims_out[3] = g.pad_left;
-  }
-  return nullptr;
 }
 
 }  // extern "C"

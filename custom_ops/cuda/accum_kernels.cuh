@@ -1,7 +1,7 @@
 // Device code of tfaccum's CUDA kernels (included by accum_kernels.cu).
 //
 // Kept in a header so that the very same code can also be compiled as plain C++ by the
-// host emulation in tests/cuda_emulation.cc (which supplies threadIdx, __syncthreads and
+// host emulation in tests/gpu/cuda_emulation.cc (which supplies threadIdx, __syncthreads and
 // friends), so the indexing, tiling and chunk logic are tested against the Python
 // reference on machines without a GPU.
 //
@@ -32,8 +32,8 @@
 
 #include <stdint.h>
 
-#include "../cc/conv_geometry.h"
-#include "../cc/rounding.h"
+#include "../core/conv_geometry.h"
+#include "../core/rounding.h"
 
 namespace tfaccum {
 namespace cuda {
@@ -362,57 +362,6 @@ inline GemmDesc conv_desc(const ConvGeometry& g, GemmKind kind, const float* a,
 inline int64_t prepare_tiles(GemmDesc* d, int64_t bm, int64_t bn) {
   d->col_tiles = (d->N + bn - 1) / bn;
   return (d->M + bm - 1) / bm * d->col_tiles;
-}
-
-// The same construction as ReadAccumParams and WithStep in cc/kernels/accum_attrs.h (and
-// the conv kernels' group attributes), without TF: `seed` is the configured seed, folded
-// with `step` into the stream seed as the TensorFlow kernels do.
-inline const char* make_params(const int32_t formats[12], int32_t has_product,
-                               int32_t rounding, int64_t chunk_size, uint64_t seed,
-                               int64_t step, int64_t group, int64_t groups,
-                               AccumParams* out) {
-  if (rounding < kNearestEven || rounding > kStochastic) return "rounding must be 0, 1 or 2";
-  if (chunk_size < 0) return "chunk_size must be >= 0";
-  if (step < 0) return "step must be >= 0";
-  if (groups < 1 || group < 0 || group >= groups) return "group must be in [0, groups)";
-  const Format acc{formats[0], formats[1], formats[2], formats[3]};
-  const Format prod = has_product ? Format{formats[4], formats[5], formats[6], formats[7]}
-                                  : Format{8, 23, 1, 0};
-  const Format chunk{formats[8], formats[9], formats[10], formats[11]};
-  if (const char* e = validate_format(acc)) return e;
-  if (const char* e = validate_format(prod)) return e;
-  if (const char* e = validate_format(chunk)) return e;
-  AccumParams p{};
-  p.rounding = rounding;
-  p.has_product = has_product != 0;
-  p.accumulator = make_format_params(acc, rounding);
-  p.product = make_format_params(prod, rounding);
-  p.chunk_accumulator = make_format_params(chunk, rounding);
-  p.chunk_size = chunk_size;
-  p.seed = stream_seed(seed, static_cast<uint64_t>(step));
-  p.group = group;
-  p.groups = groups;
-  *out = p;
-  return nullptr;
-}
-
-inline const char* make_format(const int32_t format[4], int32_t rounding, FormatParams* out) {
-  if (rounding < kNearestEven || rounding > kStochastic) return "rounding must be 0, 1 or 2";
-  const Format f{format[0], format[1], format[2], format[3]};
-  if (const char* e = validate_format(f)) return e;
-  *out = make_format_params(f, rounding);
-  return nullptr;
-}
-
-// args: see tfaccum_cuda_make_conv_geometry in accum_launchers.h.
-inline const char* make_conv_geometry(const int64_t args[16], ConvGeometry* out) {
-  for (int i = 0; i < 7; ++i)
-    if (args[i] < 0) return "sizes must be non-negative";
-  if (args[11] < kPaddingSame || args[11] > kPaddingExplicit)
-    return "padding must be 0 (SAME), 1 (VALID) or 2 (EXPLICIT)";
-  return MakeConvGeometry(args[0], args[1], args[2], args[3], args[4], args[5], args[6],
-                          args[7], args[8], args[9], args[10],
-                          static_cast<ConvPadding>(args[11]), args + 12, out);
 }
 
 }  // namespace cuda

@@ -1,9 +1,9 @@
 // Plain C launchers of tfaccum's CUDA kernels (custom_ops/cuda/accum_kernels.cu).
 //
 // Framework-free: no TensorFlow and no CUDA headers are needed to include this file, so
-// the TensorFlow GPU kernels (cc/kernels/accum_gpu_kernels.cc) compile with g++ alone,
+// the TensorFlow GPU kernels (tf/kernels/accum_gpu_kernels.cc) compile with g++ alone,
 // and the same functions are reachable through ctypes from a standalone build
-// (custom_ops/cuda/standalone.py, tests/gpu_check.py).
+// (custom_ops/cuda/standalone.py, tests/gpu/gpu_check.py).
 //
 // Every launcher takes device pointers, sizes, the accumulation configuration and a
 // stream (`struct CUstream_st*` is exactly `cudaStream_t`; null is the legacy default
@@ -13,17 +13,17 @@
 // Every output element is the dot product of docs/numerics.md §3, summed strictly in
 // the order of §5, with the stochastic generator's element index equal to the flat
 // row-major index of the output (of the whole output, for one group of a grouped
-// convolution: AccumParams::group): bit for bit what the CPU kernels (cc/gemm_engine.cc)
+// convolution: AccumParams::group): bit for bit what the CPU kernels (cpu/gemm_engine.cc)
 // and tfaccum/reference.py compute. The stochastic seed in AccumParams (and the `seed` of
 // tfaccum_cuda_quantize) is the stream seed of a step, stream_seed(seed, step) of
-// rounding.h; tfaccum_cuda_make_params computes it.
+// core/rounding.h; tfaccum_cuda_make_params computes it.
 #ifndef TFACCUM_CUDA_ACCUM_LAUNCHERS_H_
 #define TFACCUM_CUDA_ACCUM_LAUNCHERS_H_
 
 #include <stdint.h>
 
-#include "../cc/conv_geometry.h"
-#include "../cc/rounding.h"
+#include "../core/conv_geometry.h"
+#include "../core/rounding.h"
 
 struct CUstream_st;  // cudaStream_t is `struct CUstream_st*`
 

@@ -1,6 +1,6 @@
 """Builds tfaccum's CUDA kernels as a standalone shared library (no TensorFlow).
 
-For testing on a machine that has nvcc and a GPU but no TensorFlow (tests/gpu_check.py
+For testing on a machine that has nvcc and a GPU but no TensorFlow (tests/gpu/gpu_check.py
 loads the result with ctypes; the C interface is custom_ops/cuda/accum_launchers.h):
 
     python custom_ops/cuda/standalone.py [--arch native|sm_90|...] [--out PATH]
@@ -20,11 +20,11 @@ import sys
 
 CUDA_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(CUDA_DIR))
-CC_DIR = os.path.join(ROOT, "custom_ops", "cc")
+CORE_DIR = os.path.join(ROOT, "custom_ops", "core")
 DEFAULT_OUT = os.path.join(ROOT, "build", "cuda_standalone", "libtfaccum_cuda.so")
 
 # Flags every compile of the .cu files must use (also used by tests/test_cuda_build.py).
-NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-Xcompiler", "-fPIC", "-I" + CC_DIR]
+NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-Xcompiler", "-fPIC", "-I" + CORE_DIR]
 
 
 def nvcc_path():
@@ -45,7 +45,7 @@ def dependencies():
     deps = sources()
     for pattern in ("*.h", "*.cuh"):
         deps += glob.glob(os.path.join(CUDA_DIR, pattern))
-    deps += glob.glob(os.path.join(CC_DIR, "*.h"))
+    deps += glob.glob(os.path.join(CORE_DIR, "*.h"))
     return deps
 
 

@@ -3,12 +3,27 @@
 tfaccum's own take on the variance-retention analysis of Sakr et al., "Accumulation
 Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)::
 
+    >>> import tfaccum
     >>> from tfaccum import analysis
-    >>> analysis.vrr(n=4608, acc_mantissa_bits=9, product_mantissa_bits=5)       # analytical
+    >>> round(analysis.vrr(n=4608, acc_mantissa_bits=9, product_mantissa_bits=5), 4)
+    0.9996
     >>> analysis.vrr_monte_carlo(n=4608, acc_mantissa_bits=9, product_mantissa_bits=5)
+    VRREstimate(value=0.9995..., low=0.9994..., high=0.9996..., n=4608, m_acc=9, m_p=5, ...)
     >>> analysis.min_mantissa_bits(n=4608, product_mantissa_bits=5, chunk_size=64)
-    >>> plan = analysis.predict(model, batch_size=256, chunk_size=64, data=batches)
-    >>> print(plan); emulated = tfaccum.rewrite(model, plan.shift(-1))
+    6
+    >>> model = tfaccum.models.digits_cnn()
+    >>> plan = analysis.predict(model, batch_size=64, chunk_size=0, sparsity=None)
+    >>> print(plan)
+    Precision plan for digits_cnn: batch 64, products m_p=5, sequential, ...
+    ...
+    layer       |   n n_eff bits    VRR |   n n_eff bits    VRR |    n n_eff bits    VRR
+    ...
+    conv1       |   9     9    3 0.9972 | 144   144    5 0.9968 | 4096  4096    9 0.9996
+    conv2       | 144   144    5 0.9968 | 288   288    6 0.9984 | 4096  4096    9 0.9996
+    fc1         | 512   512    6 0.9971 |  64    64    5 0.9986 |   64    64    5 0.9986
+    predictions |  64    64    5 0.9986 |  10    10    3 0.9968 |   64    64    5 0.9986
+    ...
+    >>> emulated = tfaccum.rewrite(model, plan.shift(-1))    # one bit fewer everywhere
 
 * :func:`vrr` / :func:`variance_lost`: the analytical variance retention ratio
   ``VRR = 1 - E[(computed - exact)^2] / Var(exact)`` of an accumulation of ``n`` Gaussian
@@ -32,8 +47,8 @@ Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)
 
 from tfaccum.analysis.measure import GemmErrors, GemmProbe
 from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
-from tfaccum.analysis.predict import (GemmStatistics, Statistics, gemm_layers, layer_lengths,
-                                      measure_sparsity, measure_statistics, predict)
+from tfaccum.analysis.predict import (GemmStatistics, Statistics, measure_sparsity,
+                                      measure_statistics, predict)
 from tfaccum.analysis.vrr import (
     CRITERIA,
     DEFAULT_MAX_RELATIVE_LOSS,
@@ -52,6 +67,7 @@ from tfaccum.analysis.vrr import (
     vrr,
     vrr_monte_carlo,
 )
+from tfaccum.inventory import gemm_layers, layer_lengths  # which GEMMs a model has, how long
 
 __all__ = [
     "CRITERIA",

@@ -6,8 +6,21 @@ products), the sparsity and the predicted accumulator mantissa bits; and the set
 was predicted under. It prints as a table, converts to per-layer policies for
 :func:`tfaccum.rewrite`, shifts by whole bits, and round-trips through JSON::
 
-    >>> plan = tfaccum.analysis.predict(model, batch_size=256, chunk_size=64)
+    >>> import tfaccum
+    >>> from tfaccum.analysis import PrecisionPlan
+    >>> model = tfaccum.models.digits_cnn()
+    >>> plan = tfaccum.analysis.predict(model, batch_size=64, chunk_size=16, sparsity=None)
     >>> print(plan)                                   # one row per layer
+    Precision plan for digits_cnn: batch 64, products m_p=5, chunk 16, ...
+    ...
+    layer       |   n n_eff seq c16    VRR |   n n_eff seq c16    VRR |    n n_eff seq c16    VRR
+    ...
+    conv2       | 144   144   5   4 0.9980 | 288   288   6   4 0.9972 | 4096  4096   9   7 0.9996
+    ...
+    >>> plan.policies()["conv2"]                      # what tfaccum.rewrite(model, plan) sets
+    AccumPolicy(fwd=AccumConfig(e6m4, exact products, chunk 16, nearest-even),
+                bwd=AccumConfig(e6m4, exact products, chunk 16, nearest-even),
+                grad=AccumConfig(e6m7, exact products, chunk 16, nearest-even))
     >>> emulated = tfaccum.rewrite(model, plan.shift(-1))   # one bit fewer everywhere
     >>> PrecisionPlan.from_json(plan.to_json()) == plan
     True

@@ -1,19 +1,12 @@
 """Predict the accumulator precision of every GEMM of a Keras model.
 
-:func:`predict` walks the ``Dense`` and ``Conv2D`` layers of a model (tfaccum's
-``AccumDense``/``AccumConv2D`` are subclasses and count too), computes the accumulation
-length of each layer's FWD, BWD and GRAD GEMMs (numerics.md section 5):
-
-=========  ======================  =================  =================================
-layer      FWD                     BWD (dx)           GRAD (dw)
-=========  ======================  =================  =================================
-Conv2D     ``KH*KW*Cin/groups``    ``KH*KW*Cout/groups``  ``B*OH*OW``
-Dense      fan-in                  ``units``          ``B`` x the extra leading dims
-=========  ======================  =================  =================================
-
-and their **effective lengths**: the number of non-zero products, because a zero product
-(a ReLU zero in the activations, a zero back-propagated error, a padding tap, a tap that
-a strided convolution's input gradient skips) neither swamps nor is swamped.
+:func:`predict` takes the ``Dense`` and ``Conv2D`` layers of a model (tfaccum's
+``AccumDense``/``AccumConv2D`` are subclasses and count too) and the accumulation length
+of each layer's FWD, BWD and GRAD GEMMs from :mod:`tfaccum.inventory` (numerics.md
+section 5), and computes their **effective lengths**: the number of non-zero products,
+because a zero product (a ReLU zero in the activations, a zero back-propagated error, a
+padding tap, a tap that a strided convolution's input gradient skips) neither swamps
+nor is swamped.
 :func:`measure_sparsity` counts them exactly on real batches passed through the model
 under a ``GradientTape``:
 
@@ -35,8 +28,9 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+import keras
 import numpy as np
 
 from tfaccum.analysis.plan import (GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan,
@@ -45,95 +39,13 @@ from tfaccum.analysis.measure import GemmProbe
 from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, min_mantissa_bits,
                                   passes_criterion)
 from tfaccum.config import ROUNDING_MODES, as_format
+from tfaccum.inventory import call_shapes, gemm_layers, layer_lengths
 
 __all__ = ["predict", "measure_statistics", "measure_sparsity", "gemm_layers", "layer_lengths",
            "GemmStatistics", "Statistics"]
 
 SparsityLike = Union[str, float, None, Mapping[str, Any]]
 _MAX_BITS = 23
-
-
-def _keras():
-    import keras  # noqa: WPS433 - keep `import tfaccum.analysis` light
-
-    return keras
-
-
-# ---------------------------------------------------------------------------------------
-# Layers and lengths
-# ---------------------------------------------------------------------------------------
-def gemm_layers(model) -> list:
-    """The ``Dense``/``Conv2D`` layers of ``model`` (descending into nested models), in
-    order, each once."""
-    keras = _keras()
-    out, seen = [], set()
-
-    def visit(m):
-        for layer in m.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-                out.append(layer)
-            elif isinstance(layer, keras.Model):
-                visit(layer)
-
-    visit(model)
-    return out
-
-
-def _nhwc(layer, shape: Sequence) -> Tuple:
-    if getattr(layer, "data_format", "channels_last") == "channels_first":
-        return (shape[0], shape[2], shape[3], shape[1])
-    return tuple(shape)
-
-
-def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
-                  batch_size: int) -> Dict[str, int]:
-    """``{"fwd": n, "bwd": n, "grad": n}`` for one call of a Dense/Conv2D layer on
-    ``input_shape`` giving ``output_shape`` (the batch dimension is replaced by
-    ``batch_size``)."""
-    keras = _keras()
-    if isinstance(layer, keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
-        groups = getattr(layer, "groups", 1) or 1
-        _, _, _, cin = _nhwc(layer, input_shape)
-        _, oh, ow, _ = _nhwc(layer, output_shape)
-        if None in (cin, oh, ow):
-            raise ValueError(f"layer {layer.name!r}: unknown spatial or channel size in "
-                             f"{tuple(input_shape)} -> {tuple(output_shape)}")
-        return {"fwd": kh * kw * int(cin) // groups,
-                "bwd": kh * kw * layer.filters // groups,
-                "grad": batch_size * int(oh) * int(ow)}
-    if isinstance(layer, keras.layers.Dense):
-        extra = 1
-        for d in input_shape[1:-1]:
-            if d is None:
-                raise ValueError(f"layer {layer.name!r}: unknown dimension in input shape "
-                                 f"{tuple(input_shape)}")
-            extra *= int(d)
-        return {"fwd": int(input_shape[-1]), "bwd": int(layer.units),
-                "grad": batch_size * extra}
-    raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not Dense/Conv2D")
-
-
-def _node_shapes(layer) -> List[Tuple[tuple, tuple]]:
-    shapes = []
-    for node in getattr(layer, "_inbound_nodes", []) or []:
-        ins, outs = node.input_tensors, node.output_tensors
-        if ins and outs:
-            pair = (tuple(ins[0].shape), tuple(outs[0].shape))
-            if pair not in shapes:
-                shapes.append(pair)
-    if not shapes and getattr(layer, "built", False):
-        # A layer called only eagerly (inside a subclassed model) has no nodes, but it
-        # remembers the input shape it was built for.
-        config = layer.get_build_config() or {}
-        input_shape = config.get("input_shape")
-        if input_shape is not None:
-            input_shape = tuple(input_shape)
-            shapes.append((input_shape, tuple(layer.compute_output_shape(input_shape))))
-    return shapes
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +300,6 @@ def measure_statistics(model, data=None, *, batch_size: int = 32, max_batches: i
     """
     import tensorflow as tf  # noqa: WPS433
 
-    keras = _keras()
     layers = gemm_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
@@ -618,7 +529,6 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     Returns:
       A :class:`PrecisionPlan`.
     """
-    keras = _keras()
     if not isinstance(model, keras.Model):
         raise TypeError(f"predict expects a keras.Model, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -687,7 +597,7 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
 
     entries, measured_gemms = [], []
     for layer in layers:
-        pairs = _node_shapes(layer) or measured_shapes.get(layer.name, [])
+        pairs = call_shapes(layer) or measured_shapes.get(layer.name, [])
         if not pairs:
             raise ValueError(f"layer {layer.name!r} has never been called, so its input "
                              "shape is unknown: call the model on data first or pass data=")

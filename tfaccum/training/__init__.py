@@ -1,7 +1,9 @@
-"""The training driver behind ``python -m tfaccum.train``.
+"""The training driver behind ``python -m tfaccum.training`` (``python -m tfaccum.train``).
 
-Layout (each module is usable on its own; ``tfaccum/train.py`` only parses flags):
+Layout (each module is usable on its own; ``cli`` only parses flags):
 
+* ``cli``         the command line (``__main__.py`` runs it; ``tfaccum/train.py`` is an
+                  alias kept for the old ``python -m tfaccum.train``).
 * ``recipes``     per-model defaults (optimizer, learning-rate schedule, batch, epochs).
 * ``settings``    the validated settings of one invocation (``Settings``) and of one run
                   (``RunSpec``): policy kind, offset, chunk size, run directory name.

@@ -45,10 +45,10 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from tfaccum import inventory
 from tfaccum.analysis import GEMMS
 from tfaccum.analysis.measure import GemmProbe, falls_short, summaries
 from tfaccum.config import AccumPolicy
-from tfaccum.layers import AccumConv2D, AccumDense
 
 # HParams shown for every run (the sweep's axes first).
 HPARAMS = {
@@ -173,21 +173,8 @@ def _reduces_accumulation(policy: AccumPolicy) -> bool:
 def emulated_layers(model) -> list:
     """The tfaccum layers of ``model`` (nested models included) that accumulate in
     something other than float32, in model order."""
-    out, seen = [], set()
-
-    def walk(m):
-        for layer in m.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            if isinstance(layer, (AccumDense, AccumConv2D)):
-                if _reduces_accumulation(layer.policy):
-                    out.append(layer)
-            elif isinstance(layer, keras.Model):
-                walk(layer)
-
-    walk(model)
-    return out
+    return [layer for layer in inventory.emulated_layers(model)
+            if _reduces_accumulation(layer.policy)]
 
 
 class AccumHealth(keras.callbacks.Callback):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from tfaccum.inventory import gemm_layers
 from tfaccum.layers import set_step_counter
 from tfaccum.training import callbacks as cb
 from tfaccum.training import data as data_lib
@@ -92,8 +93,12 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+@keras.saving.register_keras_serializable(package="tfaccum.training")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to ``peak`` over ``warmup_steps``, then ``after(step)``."""
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then ``after(step)``.
+
+    ``after``: a learning-rate schedule or a constant rate.
+    """
 
     def __init__(self, after, warmup_steps: int, peak: float):
         self.after, self.warmup_steps, self.peak = after, warmup_steps, peak
@@ -105,7 +110,17 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return keras.ops.where(step < self.warmup_steps, warm, after)
 
     def get_config(self):
-        return {"warmup_steps": self.warmup_steps, "peak": self.peak}
+        after = self.after
+        if isinstance(after, keras.optimizers.schedules.LearningRateSchedule):
+            after = keras.optimizers.schedules.serialize(after)
+        return {"after": after, "warmup_steps": self.warmup_steps, "peak": self.peak}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["after"], dict):  # a serialized schedule
+            config["after"] = keras.optimizers.schedules.deserialize(config["after"])
+        return cls(**config)
 
 
 def make_optimizer(settings: Settings, steps_per_epoch: int):
@@ -155,7 +170,7 @@ def outputs_probabilities(model) -> bool:
 def add_weight_decay(model, weight_decay: float):
     """L2 on every Dense/Conv2D kernel: ``weight_decay * w`` added to its gradient."""
     if weight_decay:
-        for layer in pol.gemm_layers(model):
+        for layer in gemm_layers(model):
             layer.kernel.regularizer = keras.regularizers.L2(weight_decay / 2.0)
 
 

@@ -26,8 +26,9 @@ from typing import Dict, List, Optional
 
 import keras
 
-from tfaccum.analysis import GEMMS, gemm_layers
+from tfaccum.analysis import GEMMS
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat
+from tfaccum.inventory import gemm_layers
 from tfaccum.training.settings import DriverError, RunSpec, Settings
 
 
@@ -98,11 +99,11 @@ def emulate(model, policies: Dict[str, AccumPolicy]):
         return model
     import warnings
 
-    import tfaccum
+    from tfaccum.model_rewrite import rewrite
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the kept layers are reported by describe()
-        return tfaccum.rewrite(model, policies)
+        return rewrite(model, policies)
 
 
 def describe(policies: Dict[str, AccumPolicy]) -> str:

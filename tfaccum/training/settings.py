@@ -367,9 +367,6 @@ class Settings:
             out[field.name] = value
         return out
 
-    def run_config(self, spec: RunSpec) -> Dict[str, Any]:
-        return {"run": spec.to_dict(), **self.training_config()}
-
     @property
     def product_mantissa_bits(self) -> int:
         """Mantissa bits of a product: exact products of two m-bit operands have 2m+1;

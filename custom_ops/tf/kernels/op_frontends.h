@@ -20,7 +20,7 @@
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "../conv_geometry.h"
+#include "../../core/conv_geometry.h"
 #include "../shape_checks.h"
 #include "accum_attrs.h"
 
@@ -153,12 +153,14 @@ class ConvOpBase : public tensorflow::OpKernel {
                                        &attrs_));
     OP_REQUIRES_OK(ctx, ReadAccumParams(ctx, &params_));
     // One group of a grouped convolution: only the stochastic element indices change.
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("group", &params_.group));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &params_.groups));
-    OP_REQUIRES(ctx, params_.groups >= 1 && params_.group >= 0 && params_.group < params_.groups,
-                absl::InvalidArgumentError(
-                    "group must be in [0, groups) and groups >= 1, got group " +
-                    std::to_string(params_.group) + " of " + std::to_string(params_.groups)));
+    int64_t group = 0, groups = 1;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("group", &group));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &groups));
+    const char* problem = set_group(group, groups, &params_);
+    OP_REQUIRES(ctx, problem == nullptr,
+                absl::InvalidArgumentError(std::string(problem) + ", got group " +
+                                           std::to_string(group) + " of " +
+                                           std::to_string(groups)));
   }
 
  protected:

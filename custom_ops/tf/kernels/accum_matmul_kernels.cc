@@ -1,5 +1,5 @@
 // CPU kernels of TfaccumMatMul and TfaccumQuantize: the CPU launches of the kernels in
-// op_frontends.h, thin adapters from tensors to the engine in ../gemm_engine.h.
+// op_frontends.h, thin adapters from tensors to the engine in ../../cpu/gemm_engine.h.
 #define EIGEN_USE_THREADS
 
 #include "tensorflow/core/framework/op_kernel.h"

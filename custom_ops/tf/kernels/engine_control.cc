@@ -3,7 +3,7 @@
 // bit-exactness suites through every path in one process; users can read which path runs.
 #include <cstdint>
 
-#include "../gemm_engine.h"
+#include "../../cpu/gemm_engine.h"
 
 extern "C" {
 

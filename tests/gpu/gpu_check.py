@@ -4,10 +4,10 @@
 For a machine with nvcc, an NVIDIA GPU, NumPy and CuPy or PyTorch, and no TensorFlow.
 From the repository root:
 
-    python tests/gpu_check.py                 # build, check, time: the table comes last
-    python tests/gpu_check.py --skip-timing   # only the bit-exactness suite
-    python tests/gpu_check.py --emulate       # no GPU needed: the same suite through the
-                                              # host emulation (tests/cuda_emulation.cc)
+    python tests/gpu/gpu_check.py                # build, check, time: the table comes last
+    python tests/gpu/gpu_check.py --skip-timing  # only the bit-exactness suite
+    python tests/gpu/gpu_check.py --emulate      # no GPU needed: the same suite through the
+                                                 # host emulation (tests/gpu/cuda_emulation.cc)
 
 1. Builds the standalone library (custom_ops/cuda/standalone.py, `-arch=native`).
 2. Runs matmul (all four transposes), conv forward, input gradient, filter gradient and
@@ -48,7 +48,7 @@ import types
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEADLINE_S = 7 * 60  # stop starting new work after this (the budget is 8 minutes)
 SENTINEL_BITS = 0xFF7FFFF1  # a finite float32 no kernel output should be: unwritten outputs
 
@@ -80,14 +80,14 @@ def load_file_module(name, path):
 # ---------------------------------------------------------------------------------------
 # The library (CUDA standalone build, or the host emulation)
 # ---------------------------------------------------------------------------------------
-EMULATION_SOURCE = os.path.join(ROOT, "tests", "cuda_emulation.cc")
+EMULATION_SOURCE = os.path.join(ROOT, "tests", "gpu", "cuda_emulation.cc")
 
 
 def build_emulation(out=None, verbose=True):
-    """Compiles tests/cuda_emulation.cc with g++ (C++20) if stale; returns its path."""
+    """Compiles tests/gpu/cuda_emulation.cc with g++ (C++20) if stale; returns its path."""
     out = out or os.path.join(ROOT, "build", "cuda_emulation", "libtfaccum_cuda_emu.so")
     deps = [EMULATION_SOURCE]
-    for d in ("custom_ops/cuda", "custom_ops/cc"):
+    for d in ("custom_ops/cuda", "custom_ops/core"):
         full = os.path.join(ROOT, d)
         deps += [os.path.join(full, f) for f in os.listdir(full)
                  if f.endswith((".h", ".cuh"))]
@@ -96,12 +96,31 @@ def build_emulation(out=None, verbose=True):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-ffp-contract=off",
            "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           "-Wno-psabi", "-I" + os.path.join(ROOT, "custom_ops", "cc"),
+           "-Wno-psabi", "-I" + os.path.join(ROOT, "custom_ops", "core"),
            "-I" + os.path.join(ROOT, "custom_ops", "cuda"), EMULATION_SOURCE, "-o", out]
     if verbose:
         print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
+
+
+class FormatParamsView(ctypes.Structure):
+    """FormatParams of custom_ops/core/rounding.h, to read what the library built."""
+
+    _fields_ = [("emin_field", ctypes.c_int64), ("magic_offset", ctypes.c_int64),
+                ("ulp_offset", ctypes.c_int64), ("units_offset", ctypes.c_int64),
+                ("max_value", ctypes.c_double), ("flush_below", ctypes.c_double),
+                ("overflow_value", ctypes.c_double), ("overflow_probe", ctypes.c_double)]
+
+
+class AccumParamsView(ctypes.Structure):
+    """AccumParams of custom_ops/core/rounding.h (checked against the library's size)."""
+
+    _fields_ = [("accumulator", FormatParamsView), ("product", FormatParamsView),
+                ("chunk_accumulator", FormatParamsView), ("has_product", ctypes.c_int32),
+                ("rounding", ctypes.c_int32), ("chunk_size", ctypes.c_int64),
+                ("seed", ctypes.c_uint64), ("flushes_subnormals", ctypes.c_int32),
+                ("group", ctypes.c_int64), ("groups", ctypes.c_int64)]
 
 
 class Library:
@@ -156,6 +175,14 @@ class Library:
         if err:
             raise ValueError(err.decode())
         return buf
+
+    def params_view(self, config, step=0, group=0, groups=1):
+        """The AccumParams the library builds for a config, as a readable structure."""
+        size = int(self.lib.tfaccum_cuda_params_bytes())
+        if size != ctypes.sizeof(AccumParamsView):
+            raise RuntimeError(f"AccumParams is {size} bytes in the library, "
+                               f"{ctypes.sizeof(AccumParamsView)} in AccumParamsView")
+        return AccumParamsView.from_buffer_copy(self.params(config, step, group, groups))
 
     def format(self, fmt, rounding):
         buf = ctypes.create_string_buffer(int(self.lib.tfaccum_cuda_format_bytes()))
@@ -328,6 +355,8 @@ FORMATS = [
     FloatFormat(5, 10, subnormals=False),
 ]
 KINDS = ["normal", "ties", "subnormal", "overflow", "specials", "zeros", "mixed"]
+FLUSHING = FloatFormat(5, 4, subnormals=False)  # and its twin that keeps subnormals
+KEEPING = FloatFormat(5, 4)
 
 
 def values(rng, kind, shape, fmt, role):
@@ -450,6 +479,18 @@ def make_cases(quick=False, seed=1234):
                       kind="normal", config=AccumConfig(accumulator=FloatFormat(5, 3),
                                                         chunk_size=5, rounding="stochastic",
                                                         seed=-5)))
+    # Subnormals off in each format a GEMM uses: products and partial sums around the
+    # smallest normal flush to signed zeros exactly where the reference flushes them.
+    for role in ("accumulator", "product", "chunk_accumulator"):
+        for rounding in ROUNDINGS:
+            cfg = AccumConfig(accumulator=FLUSHING if role == "accumulator" else KEEPING,
+                              product=FLUSHING if role == "product" else None,
+                              chunk_size=4 if role == "chunk_accumulator" else 0,
+                              chunk_accumulator=FLUSHING if role == "chunk_accumulator"
+                              else None, rounding=rounding, seed=int(rng.integers(2 ** 62)))
+            cases.append(dict(op="matmul", a=values(rng, "subnormal", (6, 37), FLUSHING, 0),
+                              b=values(rng, "subnormal", (37, 5), FLUSHING, 1), ta=False,
+                              tb=False, kind=f"subnormals off: {role}", config=cfg))
     # The three conv passes.
     for op in ("conv_fwd", "conv_bwd_input", "conv_bwd_filter"):
         for r_i, rounding in enumerate(ROUNDINGS):
@@ -728,6 +769,51 @@ def run_suite(lib, backend, cases, shapes, workers=None, verbose=True):
 
 
 # ---------------------------------------------------------------------------------------
+# The AccumParams the library builds (custom_ops/core/accum_params.h, as the TensorFlow
+# kernels build theirs)
+# ---------------------------------------------------------------------------------------
+def params_checks(lib, verbose=True):
+    """Every field of tfaccum_cuda_make_params' AccumParams against the config it was
+    built from, flushes_subnormals included (set when any format used has subnormals
+    off; the CPU engine skips the range checks when it is not); returns the failures."""
+    exact = FloatFormat(8, 23)  # the product format stored for exact products
+    configs = [
+        AccumConfig(accumulator=KEEPING),
+        AccumConfig(accumulator=FLUSHING),
+        AccumConfig(accumulator=KEEPING, product=FLUSHING),
+        AccumConfig(accumulator=KEEPING, chunk_size=8, chunk_accumulator=FLUSHING),
+        AccumConfig(accumulator=F16_INF, product=FloatFormat(5, 2), chunk_size=3,
+                    chunk_accumulator=BF16_INF, rounding="stochastic", seed=-3),
+        AccumConfig(accumulator=FloatFormat(4, 1, subnormals=False, overflow="inf"),
+                    rounding="toward_zero"),
+    ]
+    failures = 0
+    for cfg in configs:
+        for step, group, groups in ((0, 0, 1), (5, 2, 3)):
+            p = lib.params_view(cfg, step, group, groups)
+            formats = (cfg.accumulator, cfg.product or exact, cfg.effective_chunk_accumulator)
+            want = dict(has_product=int(cfg.product is not None),
+                        rounding=ROUNDINGS.index(cfg.rounding), chunk_size=cfg.chunk_size,
+                        seed=ref.stream_seed(cfg.seed, step), group=group, groups=groups,
+                        flushes_subnormals=int(not all(
+                            f.subnormals for f in formats if f is not exact)))
+            got = {name: getattr(p, name) for name in want}
+            for name, fmt in zip(("accumulator", "product", "chunk_accumulator"), formats):
+                view = getattr(p, name)
+                want[name] = (fmt.max_value, 0.0 if fmt.subnormals else fmt.smallest_normal)
+                got[name] = (view.max_value, view.flush_below)
+            bad = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+            label = f"params {cfg!r} step {step} group {group} of {groups}"
+            if bad:
+                failures += 1
+                print(f"FAIL {label}: " + ", ".join(f"{k} = {g!r}, expected {w!r}"
+                                                   for k, (g, w) in bad.items()), flush=True)
+            elif verbose:
+                print(f"ok   {label}", flush=True)
+    return failures
+
+
+# ---------------------------------------------------------------------------------------
 # Large checks on the GPU: tiling at scale (shapes agree; sampled outputs vs reference)
 # ---------------------------------------------------------------------------------------
 def large_checks(lib, backend, rng):
@@ -930,6 +1016,7 @@ def main(argv=None):
     passed, failed = run_suite(lib, backend, cases, shapes=(-1, 0, 1, 2),
                                workers=args.workers, verbose=not args.quiet)
     failures += failed
+    failures += params_checks(lib, verbose=not args.quiet)
     if not args.quick:
         try:
             failures += large_checks(lib, backend, np.random.default_rng(99))

@@ -1,5 +1,6 @@
 // Reads the accumulation attributes every tfaccum op shares (TFACCUM_ACCUM_ATTRS in
-// ops/accum_ops.cc) into the rounding core's AccumParams, validating them.
+// ops/accum_ops.cc) into the rounding core's AccumParams, built and validated by the
+// core's builder (core/accum_params.h) that the CUDA launchers use too.
 #ifndef TFACCUM_KERNELS_ACCUM_ATTRS_H_
 #define TFACCUM_KERNELS_ACCUM_ATTRS_H_
 
@@ -7,7 +8,8 @@
 #include <vector>
 
 #include "tensorflow/core/framework/op_kernel.h"
-#include "../gemm_engine.h"
+#include "../../core/accum_params.h"
+#include "../../cpu/gemm_engine.h"
 
 namespace tfaccum {
 
@@ -23,7 +25,8 @@ inline absl::Status ParseRounding(const std::string& name, int32_t* rounding) {
 
 // `values` is [exponent_bits, mantissa_bits, subnormals, overflow_inf]. Each is checked
 // as the int64 it arrives as, so that a message names the field, its value and its
-// range (rather than a value that no longer fits the int32 fields).
+// range (rather than a value that no longer fits the int32 fields). The ranges are the
+// core's (core/accum_params.h), which the CUDA launchers check too.
 inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& values,
                                 Format* format) {
   if (values.size() != 4) {
@@ -31,58 +34,46 @@ inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& va
         std::string(attr) + " must be [exponent_bits, mantissa_bits, subnormals, "
         "overflow_inf] (4 integers), got " + std::to_string(values.size()) + " values");
   }
-  static const struct {
-    const char* name;
-    int64_t lo, hi;
-  } kFields[4] = {{"exponent_bits", 2, 8},
-                  {"mantissa_bits", 0, 23},
-                  {"subnormals", 0, 1},
-                  {"overflow_inf (0: saturate, 1: inf)", 0, 1}};
-  for (int i = 0; i < 4; ++i) {
-    if (values[i] < kFields[i].lo || values[i] > kFields[i].hi)
-      return absl::InvalidArgumentError(
-          std::string(attr) + ": " + kFields[i].name + " must be in " +
-          std::to_string(kFields[i].lo) + ".." + std::to_string(kFields[i].hi) + ", got " +
-          std::to_string(values[i]));
+  const int bad = invalid_format_field(values.data());
+  if (bad >= 0) {
+    const FormatField& field = kFormatFields[bad];
+    return absl::InvalidArgumentError(
+        std::string(attr) + ": " + field.name + " must be in " + std::to_string(field.lo) +
+        ".." + std::to_string(field.hi) + ", got " + std::to_string(values[bad]));
   }
-  *format = Format{static_cast<int32_t>(values[0]), static_cast<int32_t>(values[1]),
-                   static_cast<int32_t>(values[2]), static_cast<int32_t>(values[3])};
-  if (const char* problem = validate_format(*format)) {  // the CUDA launchers' rule too
-    return absl::InvalidArgumentError(std::string(attr) + ": " + problem);
-  }
+  *format = format_from(values.data());
   return absl::OkStatus();
 }
 
+// The op's configuration (numerics.md section 3) as the core's builder makes it, with the
+// configured seed: WithStep folds in each call's step.
 inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
                                     AccumParams* params) {
   std::vector<int64_t> accumulator, product, chunk_accumulator;
-  std::string rounding;
+  std::string rounding_name;
   int64_t chunk_size = 0, seed = 0;
   TF_RETURN_IF_ERROR(ctx->GetAttr("accumulator", &accumulator));
   TF_RETURN_IF_ERROR(ctx->GetAttr("product", &product));
   TF_RETURN_IF_ERROR(ctx->GetAttr("chunk_size", &chunk_size));
   TF_RETURN_IF_ERROR(ctx->GetAttr("chunk_accumulator", &chunk_accumulator));
-  TF_RETURN_IF_ERROR(ctx->GetAttr("rounding", &rounding));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("rounding", &rounding_name));
   TF_RETURN_IF_ERROR(ctx->GetAttr("seed", &seed));
 
-  *params = AccumParams{};
-  TF_RETURN_IF_ERROR(ParseRounding(rounding, &params->rounding));
-  Format acc, prod{8, 23, 1, 0}, chunk;
+  int32_t rounding = kNearestEven;
+  TF_RETURN_IF_ERROR(ParseRounding(rounding_name, &rounding));
+  Format acc, prod, chunk;
   TF_RETURN_IF_ERROR(ParseFormat("accumulator", accumulator, &acc));
   TF_RETURN_IF_ERROR(ParseFormat("chunk_accumulator", chunk_accumulator, &chunk));
-  params->has_product = !product.empty();
-  if (params->has_product) TF_RETURN_IF_ERROR(ParseFormat("product", product, &prod));
-  if (chunk_size < 0) {
-    return absl::InvalidArgumentError("chunk_size must be >= 0 (0: sequential), got " +
+  const bool has_product = !product.empty();
+  if (has_product) TF_RETURN_IF_ERROR(ParseFormat("product", product, &prod));
+  // The rounding and the formats passed the checks above, which name the attribute and
+  // the value; what the builder can still refuse is the chunk size.
+  if (const char* problem = make_accum_params(acc, has_product ? &prod : nullptr, chunk,
+                                              rounding, chunk_size,
+                                              static_cast<uint64_t>(seed), params)) {
+    return absl::InvalidArgumentError(std::string(problem) + ", got " +
                                       std::to_string(chunk_size));
   }
-  params->accumulator = make_format_params(acc, params->rounding);
-  params->product = make_format_params(prod, params->rounding);
-  params->chunk_accumulator = make_format_params(chunk, params->rounding);
-  params->chunk_size = chunk_size;
-  params->seed = static_cast<uint64_t>(seed);
-  params->flushes_subnormals =
-      !acc.subnormals || !chunk.subnormals || (params->has_product && !prod.subnormals);
   return absl::OkStatus();
 }
 
@@ -99,8 +90,8 @@ inline absl::Status ReadStep(tensorflow::OpKernelContext* ctx, uint64_t* step) {
     return absl::InvalidArgumentError("step must be a scalar (the training step), got shape " +
                                       t.shape().DebugString());
   const int64_t value = t.scalar<int64_t>()();
-  if (value < 0)
-    return absl::InvalidArgumentError("step must be >= 0, got " + std::to_string(value));
+  if (const char* problem = validate_step(value))
+    return absl::InvalidArgumentError(std::string(problem) + ", got " + std::to_string(value));
   *step = static_cast<uint64_t>(value);
   return absl::OkStatus();
 }
@@ -110,8 +101,7 @@ inline absl::Status WithStep(tensorflow::OpKernelContext* ctx, AccumParams param
                              AccumParams* out) {
   uint64_t step = 0;
   TF_RETURN_IF_ERROR(ReadStep(ctx, &step));
-  params.seed = stream_seed(params.seed, step);
-  *out = params;
+  *out = at_step(params, step);
   return absl::OkStatus();
 }
 

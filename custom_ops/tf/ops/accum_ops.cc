@@ -1,9 +1,9 @@
 // Op registrations (interfaces and shape functions) of the tfaccum ops. The kernels live
-// in ../kernels; the arithmetic in ../rounding.h; the meaning in docs/numerics.md.
+// in ../kernels; the arithmetic in ../../core/rounding.h; the meaning in docs/numerics.md.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "../conv_geometry.h"
+#include "../../core/conv_geometry.h"
 #include "../shape_checks.h"
 
 namespace tfaccum {

@@ -25,7 +25,7 @@
 #include <cstring>
 #include <vector>
 
-#include "rounding_f32.h"
+#include "../core/rounding_f32.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -5,12 +5,12 @@
 // are function statics (blocks run one after another). The library exports the same
 // C functions as the CUDA build (accum_launchers.h; pointers are host pointers, the
 // stream is ignored), tile shape hook included, so
-// tests/gpu_check.py --emulate runs its bit-exactness suite through it.
+// tests/gpu/gpu_check.py --emulate runs its bit-exactness suite through it.
 //
 // This checks the kernels' indexing, tiling, chunking and generator counters; it cannot
 // check what only a GPU can (nvcc's code generation, the CUDA runtime). Build:
 //   g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread
-//       -Icustom_ops/cc -Icustom_ops/cuda tests/cuda_emulation.cc -o libemu.so
+//       -Icustom_ops/core -Icustom_ops/cuda tests/gpu/cuda_emulation.cc -o libemu.so
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -33,6 +33,7 @@ inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 
 #include "accum_kernels.cuh"
 #include "accum_launchers.h"
+#include "launcher_helpers.h"
 
 namespace {
 
@@ -142,29 +143,4 @@ int tfaccum_cuda_quantize(const float* x, float* y, int64_t n, const FormatParam
 }
 
 const char* tfaccum_cuda_error_string(int code) { return code ? "emulation error" : "no error"; }
-int32_t tfaccum_cuda_abi_version(void) { return TFACCUM_CUDA_ABI_VERSION; }
-int64_t tfaccum_cuda_params_bytes(void) { return sizeof(AccumParams); }
-int64_t tfaccum_cuda_format_bytes(void) { return sizeof(FormatParams); }
-int64_t tfaccum_cuda_geometry_bytes(void) { return sizeof(ConvGeometry); }
-
-const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_product,
-                                     int32_t rounding, int64_t chunk_size, uint64_t seed,
-                                     int64_t step, int64_t group, int64_t groups, void* out) {
-  return make_params(formats, has_product, rounding, chunk_size, seed, step, group, groups,
-                     static_cast<AccumParams*>(out));
-}
-
-const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding, void* out) {
-  return make_format(format, rounding, static_cast<FormatParams*>(out));
-}
-
-const char* tfaccum_cuda_make_conv_geometry(const int64_t args[16], void* out,
-                                            int64_t dims[4]) {
-  ConvGeometry g{};
-  if (const char* e = make_conv_geometry(args, &g)) return e;
-  *static_cast<ConvGeometry*>(out) = g;
-  if (dims != nullptr) dims[0] = g.out_h, dims[1] = g.out_w, dims[2] = g.pad_top, dims[3] = g.pad_left;
-  return nullptr;
-}
-
 }  // extern "C"

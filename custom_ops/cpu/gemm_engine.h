@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <functional>
 
-#include "rounding.h"
+#include "../core/rounding.h"
 
 namespace tfaccum {
 

@@ -155,32 +155,6 @@ inline double pow2_d(int64_t e) {  // 2^e for -1022 <= e <= 1023
   return from_bits(static_cast<uint64_t>(e + 1023) << 52);
 }
 
-// Validates a format; returns nullptr or a static message naming the problem.
-inline const char* validate_format(const Format& f) {
-  if (f.exponent_bits < 2 || f.exponent_bits > 8) return "exponent_bits must be in 2..8";
-  if (f.mantissa_bits < 0 || f.mantissa_bits > 23) return "mantissa_bits must be in 0..23";
-  if (f.subnormals != 0 && f.subnormals != 1) return "subnormals must be 0 or 1";
-  if (f.overflow_inf != 0 && f.overflow_inf != 1) return "overflow must be 0 (saturate) or 1 (inf)";
-  return nullptr;
-}
-
-inline FormatParams make_format_params(const Format& f, int32_t rounding) {
-  const int64_t bias = (int64_t{1} << (f.exponent_bits - 1)) - 1;
-  const int64_t emin = 1 - bias;
-  const int64_t m = f.mantissa_bits;
-  FormatParams p;
-  p.emin_field = emin + 1023;
-  p.magic_offset = static_cast<int64_t>(((52 - m) << 52) | (int64_t{1} << 51));
-  p.ulp_offset = m << 52;
-  p.units_offset = (2046 + 24 + m) << 52;  // field = 1023 + 24 + m - (E_field - 1023)
-  p.max_value = (2.0 - pow2_d(-m)) * pow2_d(bias);
-  p.flush_below = f.subnormals ? 0.0 : pow2_d(emin);
-  p.overflow_probe = pow2_d(1023 - bias);
-  const bool to_inf = f.overflow_inf && rounding != kTowardZero;
-  p.overflow_value = to_inf ? from_bits(0x7ff0000000000000ULL) : p.max_value;
-  return p;
-}
-
 // ---- The stochastic generator (docs/numerics.md section 4) -------------------------
 
 template <class U>

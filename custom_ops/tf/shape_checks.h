@@ -15,7 +15,7 @@
 
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "conv_geometry.h"
+#include "../core/conv_geometry.h"
 
 namespace tfaccum {
 

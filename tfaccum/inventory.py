@@ -1,0 +1,251 @@
+"""The GEMMs of a Keras model: which layers compute them, on what shapes, over how many
+products.
+
+The one place that walks a model's layers, recovers the shapes a layer was called on
+and computes the accumulation lengths of its three GEMMs (docs/numerics.md section 5),
+with ``B`` the batch size:
+
+=========  =============================  =====================  =======================
+layer      FWD ``y = x.w``                BWD ``dx = dy.w^T``    GRAD ``dw = x^T.dy``
+=========  =============================  =====================  =======================
+Conv2D     ``KH*KW*Cin/groups``           ``KH*KW*Cout/groups``  ``B*OH*OW``
+Dense      fan-in (last input dim)        ``units``              ``B`` x extra leading dims
+=========  =============================  =====================  =======================
+
+:func:`tfaccum.summary`, :func:`tfaccum.rewrite`, :func:`tfaccum.analysis.predict` and
+the training driver's layer choices and health probe all use it, so they agree on which
+layers a model has and how long their sums are::
+
+    >>> import keras, tfaccum
+    >>> from tfaccum import inventory
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    >>> outputs = keras.layers.Dense(10, name="fc")(keras.layers.Flatten()(x))
+    >>> model = keras.Model(inputs, outputs)
+    >>> [layer.name for layer in inventory.gemm_layers(model)]
+    ['conv', 'fc']
+    >>> inventory.layer_lengths(model.get_layer("conv"), (None, 8, 8, 3), (None, 6, 6, 4), 32)
+    {'fwd': 27, 'bwd': 36, 'grad': 1152}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import keras
+
+from tfaccum.config import AccumPolicy
+from tfaccum.layers import TWINS, AccumConv2D, AccumDense
+
+__all__ = ["walk", "gemm_layers", "emulated_layers", "call_shapes", "GemmLengths",
+           "lengths", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
+           "not_emulated_reason", "EMULATED"]
+
+#: The tfaccum layer classes: the layers whose GEMMs are emulated.
+EMULATED = (AccumDense, AccumConv2D)
+
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+def _children(container) -> list:
+    # A model's own layers as Keras lists them (graph order for a Functional model, the
+    # order added for a Sequential one); the sublayers of any other layer as it tracks them.
+    if isinstance(container, keras.Model):
+        return container.layers
+    return container._flatten_layers(include_self=False, recursive=False)
+
+
+def walk(model, *, into_layers: bool = False) -> List[Tuple[Any, tuple]]:
+    """Every layer of ``model`` once, in model order, with the tuple of the layers that
+    enclose it (outermost first).
+
+    The walk descends into nested models; with ``into_layers`` also into the sublayers of
+    every other layer (wrappers such as ``TimeDistributed``, the blocks of a subclassed
+    model), as the emulated layers of an ``accumulation_scope`` may sit anywhere. A layer
+    reached twice (a shared layer, a nested model used twice) is listed where it is first
+    reached.
+    """
+    out, seen = [], set()
+
+    def visit(container, ancestors):
+        for layer in _children(container):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            out.append((layer, ancestors))
+            if into_layers or isinstance(layer, keras.Model):
+                visit(layer, ancestors + (layer,))
+
+    visit(model, ())
+    return out
+
+
+def gemm_layers(model) -> list:
+    """The ``Dense``/``Conv2D`` layers of ``model`` (tfaccum's twins included; descending
+    into nested models), in order, each once."""
+    return [layer for layer, _ in walk(model)
+            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+
+
+def emulated_layers(model, *, into_layers: bool = False) -> list:
+    """The tfaccum layers of ``model`` (see :func:`walk` for ``into_layers``), in order."""
+    return [layer for layer, _ in walk(model, into_layers=into_layers)
+            if isinstance(layer, EMULATED)]
+
+
+def gemm_classes() -> tuple:
+    """Keras layer classes that compute weight GEMMs (or contain layers that do)."""
+    names = ["Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose",
+             "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
+             "SeparableConv1D", "SeparableConv2D", "SimpleRNN", "LSTM", "GRU",
+             "SimpleRNNCell", "LSTMCell", "GRUCell", "ConvLSTM1D", "ConvLSTM2D",
+             "ConvLSTM3D", "MultiHeadAttention", "GroupedQueryAttention"]
+    return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
+
+
+def twin_class(layer) -> Optional[type]:
+    """The tfaccum class a layer becomes under ``tfaccum.rewrite``, or None if it cannot be
+    emulated (only the exact Keras classes of ``tfaccum.layers.TWINS``, unquantized, and
+    tfaccum layers themselves)."""
+    if isinstance(layer, EMULATED):
+        return type(layer)
+    twin = TWINS.get(type(layer))
+    if twin is not None and layer.quantization_mode is None:
+        return twin
+    return None
+
+
+def not_emulated_reason(layer, classes: Optional[tuple] = None) -> Optional[str]:
+    """Why ``layer`` computes GEMMs that stay float32 (``"Conv1D"``, ``"TimeDistributed
+    containing Dense"``, ...), or None when it computes none or can be emulated.
+    ``classes``: :func:`gemm_classes`, when the caller has it already."""
+    classes = gemm_classes() if classes is None else classes
+    if isinstance(layer, keras.Model) or twin_class(layer) is not None:
+        return None
+    if isinstance(layer, classes):
+        if type(layer) in TWINS:
+            return (f"{type(layer).__name__} with Keras quantization "
+                    f"{layer.quantization_mode!r}")
+        if isinstance(layer, tuple(TWINS)):
+            return f"{type(layer).__name__} (a subclass of {type(layer).__mro__[1].__name__})"
+        return type(layer).__name__
+    inner = [sub for sub in layer._flatten_layers(include_self=False, recursive=True)
+             if isinstance(sub, classes) and not isinstance(sub, EMULATED)]
+    if inner:
+        kinds = ", ".join(sorted({type(sub).__name__ for sub in inner}))
+        return f"{type(layer).__name__} containing {kinds}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------
+def call_shapes(layer) -> List[Tuple[tuple, tuple]]:
+    """The distinct ``(input_shape, output_shape)`` pairs ``layer`` is called on in its
+    model's graph. A layer called only eagerly (inside a subclassed model) has no graph
+    nodes; it remembers the input shape it was built for, which gives the one pair."""
+    shapes = []
+    for node in getattr(layer, "_inbound_nodes", []) or []:
+        ins, outs = node.input_tensors, node.output_tensors
+        if ins and outs:
+            pair = (tuple(ins[0].shape), tuple(outs[0].shape))
+            if pair not in shapes:
+                shapes.append(pair)
+    if not shapes and getattr(layer, "built", False):
+        config = layer.get_build_config() or {}
+        input_shape = config.get("input_shape")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            shapes.append((input_shape, tuple(layer.compute_output_shape(input_shape))))
+    return shapes
+
+
+# --------------------------------------------------------------------------------------
+# Lengths
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GemmLengths:
+    """The accumulation lengths of one layer call (numerics.md section 5).
+
+    ``grad`` is None when the batch size is unknown; ``grad_per_example`` is then the
+    factor it multiplies (``OH*OW`` for a conv, the product of the extra leading
+    dimensions for a Dense). Lengths that depend on an unknown dimension are None.
+    ``policy`` is the layer's AccumPolicy (None for a native Keras layer).
+    """
+
+    layer: str
+    kind: str
+    input_shape: tuple
+    fwd: Optional[int]
+    bwd: Optional[int]
+    grad: Optional[int]
+    grad_per_example: Optional[int]
+    policy: Optional[AccumPolicy]
+
+
+def _prod(values) -> Optional[int]:
+    out = 1
+    for v in values:
+        if v is None:
+            return None
+        out *= int(v)
+    return out
+
+
+def lengths(layer, input_shape: Sequence, output_shape: Sequence,
+            batch_size: Optional[int] = None) -> GemmLengths:
+    """The FWD, BWD and GRAD lengths of one call of a Dense/Conv2D layer on
+    ``input_shape`` giving ``output_shape``; the batch dimension is ``batch_size``, or the
+    input's own when that is None. Lengths set by an unknown dimension are None."""
+    input_shape, output_shape = tuple(input_shape), tuple(output_shape)
+    batch = batch_size if batch_size is not None else input_shape[0]
+    if isinstance(layer, keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        groups = getattr(layer, "groups", 1) or 1
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        cin = input_shape[1] if channels_first else input_shape[-1]
+        oh, ow = output_shape[2:4] if channels_first else output_shape[1:3]
+        fwd = None if cin is None else kh * kw * int(cin) // groups
+        bwd = kh * kw * layer.filters // groups
+        per_example = _prod([oh, ow])
+    elif isinstance(layer, keras.layers.Dense):
+        fwd = None if input_shape[-1] is None else int(input_shape[-1])
+        bwd = int(layer.units)
+        per_example = _prod(input_shape[1:-1])
+    else:
+        raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not Dense/Conv2D")
+    grad = None if batch is None or per_example is None else int(batch) * per_example
+    return GemmLengths(layer.name, type(layer).__name__, input_shape, fwd, bwd, grad,
+                       per_example, getattr(layer, "policy", None))
+
+
+def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
+                  batch_size: int) -> Dict[str, int]:
+    """``{"fwd": n, "bwd": n, "grad": n}`` for one call of a Dense/Conv2D layer on
+    ``input_shape`` giving ``output_shape`` (the batch dimension is replaced by
+    ``batch_size``); ValueError where a dimension they need is unknown."""
+    n = lengths(layer, input_shape, output_shape, batch_size)
+    if None in (n.fwd, n.grad):
+        if isinstance(layer, keras.layers.Conv2D):
+            raise ValueError(f"layer {layer.name!r}: unknown spatial or channel size in "
+                             f"{tuple(input_shape)} -> {tuple(output_shape)}")
+        raise ValueError(f"layer {layer.name!r}: unknown dimension in input shape "
+                         f"{tuple(input_shape)}")
+    return {"fwd": n.fwd, "bwd": n.bwd, "grad": n.grad}
+
+
+def gemm_lengths(model, batch_size: Optional[int] = None) -> List[GemmLengths]:
+    """One :class:`GemmLengths` per emulated layer and distinct input shape it is called
+    on, in the model's layer order (nested layers included). ``batch_size`` overrides the
+    batch dimension."""
+    rows = []
+    for layer in emulated_layers(model, into_layers=True):
+        shapes = call_shapes(layer)
+        if not shapes:
+            rows.append(GemmLengths(layer.name, type(layer).__name__, (), None, None, None,
+                                    None, layer.policy))
+        for input_shape, output_shape in shapes:
+            rows.append(lengths(layer, input_shape, output_shape, batch_size))
+    return rows

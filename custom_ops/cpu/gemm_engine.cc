@@ -104,16 +104,15 @@ TFACCUM_INLINE bool WithinLimit(const U& record, uint64_t limit) {
   return ok;
 }
 
-// One binary64 tile: kTileRows rows of A (binary64 panels; rows past the end of A repeat
-// a real row and their results are dropped) times kTileCols columns of B (float32 rows
-// of ldb values, widened exactly on load: half the memory traffic of binary64, which
-// matters for the long sums of filter gradients). keys: the generator key of each output
-// (stochastic only).
+// One binary64 tile: kTileRows rows of A (float32 panels, widened exactly on use; rows
+// past the end of A repeat a real row and their results are dropped) times kTileCols
+// columns of B (float32 rows of ldb values, widened exactly on load). keys: the
+// generator key of each output (stochastic only).
 struct TileJob {
   const AccumParams* params;
   TileLimits limits;
   int64_t K;
-  const double* a_rows[kTileRows];
+  const float* a_rows[kTileRows];
   const float* b;
   int64_t ldb;
   const TileU* keys;
@@ -267,7 +266,6 @@ struct PathFunctions {
   void (*run_tile64)(const TileJob&);
   bool (*run_tile32)(const TileJob32&);
   OperandStats (*operand_stats)(const float*, int64_t);
-  OperandStats (*narrow_panel)(const double*, float*, int64_t);
   void (*quantize_range)(const float*, float*, int64_t, int64_t, const FormatParams&, int32_t,
                          uint64_t);
 };
@@ -275,14 +273,14 @@ struct PathFunctions {
 const PathFunctions& FunctionsOf(int isa) {
   static const PathFunctions kGenericPath = {
       path_generic::RunTile64, path_generic::RunTile32, path_generic::OperandStatsOf,
-      path_generic::NarrowPanel, path_generic::QuantizeRange};
+      path_generic::QuantizeRange};
 #if TFACCUM_HAVE_X86_PATHS
   static const PathFunctions kAvx2Path = {
       path_avx2::RunTile64, path_avx2::RunTile32, path_avx2::OperandStatsOf,
-      path_avx2::NarrowPanel, path_avx2::QuantizeRange};
+      path_avx2::QuantizeRange};
   static const PathFunctions kAvx512Path = {
       path_avx512::RunTile64, path_avx512::RunTile32, path_avx512::OperandStatsOf,
-      path_avx512::NarrowPanel, path_avx512::QuantizeRange};
+      path_avx512::QuantizeRange};
   if (isa == kEngineAvx512) return kAvx512Path;
   if (isa == kEngineAvx2) return kAvx2Path;
 #endif
@@ -426,19 +424,14 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
 
   // One A panel per worker that runs (at most one per row tile), handed out on first use.
   // A GEMM with fewer than kTileRows rows gets panels of M rows: the tile's other rows
-  // repeat row 0, so an M = 1 GEMM needs K values, not 4K. The binary32 path adds a
-  // float32 copy of the panel.
+  // repeat row 0, so an M = 1 GEMM needs K values, not 4K. Panels are float32, as every
+  // operand is: half the memory traffic of binary64, which the long sums of filter
+  // gradients are bound by; both lane types read them.
   const int64_t panel_rows = std::min<int64_t>(kTileRows, M);
   const int64_t panels = std::min<int64_t>(row_tiles, std::max(1, context.workers));
-  double* panel_memory = static_cast<double*>(
-      context.scratch(ScratchBytes(panels * panel_rows, K * 8), "the A panels"));
+  float* panel_memory = static_cast<float*>(
+      context.scratch(ScratchBytes(panels * panel_rows, K * 4), "the A panels"));
   if (panel_memory == nullptr) return false;
-  float* panel32_memory = nullptr;
-  if (float32) {
-    panel32_memory = static_cast<float*>(
-        context.scratch(ScratchBytes(panels * panel_rows, K * 4), "the float32 A panels"));
-    if (panel32_memory == nullptr) return false;
-  }
   std::vector<int64_t> panel_of_worker(static_cast<size_t>(std::max(1, context.workers)), -1);
   std::atomic<int64_t> next_panel{0};
 
@@ -453,8 +446,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     KeepDenormals keep_denormals;
     int64_t& panel_index = panel_of_worker[worker];
     if (panel_index < 0) panel_index = next_panel.fetch_add(1);
-    double* panel = panel_memory + panel_index * panel_rows * K;
-    float* panel32 = float32 ? panel32_memory + panel_index * panel_rows * K : nullptr;
+    float* panel = panel_memory + panel_index * panel_rows * K;
     TileU keys = {};
     TileD out64;
     TileJob job{&params, limits, K, {}, nullptr, ldb, &keys, &out64};
@@ -469,7 +461,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t row0 = tile * kTileRows;
       const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
-      std::fill(panel, panel + rows * K, 0.0);
+      std::fill(panel, panel + rows * K, 0.0f);
       gather_a(row0, rows, panel);
       // Rows past M repeat row 0 (their results are dropped), as in a panel of M rows.
       for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel + (r < rows ? r : 0) * K;
@@ -496,9 +488,9 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
 
       bool tile32 = false;
       if (float32) {
-        const OperandStats a_stats = path.narrow_panel(panel, panel32, rows * K);
+        const OperandStats a_stats = path.operand_stats(panel, rows * K);
         tile32 = ProductsExactInFloat32(a_stats, b_stats);
-        for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = panel32 + (r < rows ? r : 0) * K;
+        for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = job.a_rows[r];
       }
       if (tile32) {
         for (int64_t first = 0; first < N; first += width32) {

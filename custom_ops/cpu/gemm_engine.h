@@ -16,9 +16,9 @@ namespace tfaccum {
 // The engine asks a RowGather for at most this many rows at a time.
 constexpr int kMaxPanelRows = 4;
 
-// Fills `panel` (rows x K, row-major, binary64) with rows row0 .. row0+rows-1 of A.
-// Entries are float32 values (exact in binary64); out-of-range taps are exact zeros.
-using RowGather = std::function<void(int64_t row0, int64_t rows, double* panel)>;
+// Fills `panel` (rows x K, row-major, float32) with rows row0 .. row0+rows-1 of A. The
+// panel arrives zeroed: taps outside the input may be left alone (exact zeros).
+using RowGather = std::function<void(int64_t row0, int64_t rows, float* panel)>;
 
 // The engine's access to the framework's threads and memory.
 struct EngineContext {
@@ -44,7 +44,7 @@ struct EngineContext {
 // Returns false, having written nothing, when scratch memory could not be allocated.
 //
 // Scratch: B as float32 (K * N values, none when b is already float32 rows of a whole
-// number of tiles) and one A panel of min(M, kMaxPanelRows) x K binary64 values per
+// number of tiles) and one A panel of min(M, kMaxPanelRows) x K float32 values per
 // worker that runs.
 bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,

@@ -22,12 +22,12 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
                                      Tensor* y) {
   const int64_t M = g.batch * g.out_h * g.out_w, K = g.forward_length(), N = g.out_c;
   const float* xd = x.flat<float>().data();
-  RowGather gather = [g, xd, K](int64_t row0, int64_t rows, double* panel) {
+  RowGather gather = [g, xd, K](int64_t row0, int64_t rows, float* panel) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = row0 + r;
       const int64_t ox = row % g.out_w, oy = (row / g.out_w) % g.out_h;
       const int64_t b = row / (g.out_w * g.out_h);
-      double* out = panel + r * K;
+      float* out = panel + r * K;
       for (int64_t ky = 0; ky < g.k_h; ++ky) {
         const int64_t iy = g.input_row(oy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.in_c) {
@@ -74,12 +74,12 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
   }
 
   const float* dyd = dy.flat<float>().data();
-  RowGather gather = [g, dyd, K](int64_t row0, int64_t rows, double* panel) {
+  RowGather gather = [g, dyd, K](int64_t row0, int64_t rows, float* panel) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = row0 + r;
       const int64_t ix = row % g.in_w, iy = (row / g.in_w) % g.in_h;
       const int64_t b = row / (g.in_w * g.in_h);
-      double* out = panel + r * K;
+      float* out = panel + r * K;
       for (int64_t ky = 0; ky < g.k_h; ++ky) {
         const int64_t oy = g.output_row(iy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.out_c) {
@@ -110,7 +110,7 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
   // of one image row, as a rule) are read from the same cache lines; within it each row
   // is a strided copy over the range of ox whose taps fall inside the image (the engine
   // zeroed the panel, so the taps outside stay exact zeros).
-  RowGather gather = [g, xd, K](int64_t row0, int64_t rows, double* panel) {
+  RowGather gather = [g, xd, K](int64_t row0, int64_t rows, float* panel) {
     int64_t ci[kMaxPanelRows], kx[kMaxPanelRows], ky[kMaxPanelRows];
     int64_t ox_begin[kMaxPanelRows], ox_end[kMaxPanelRows];
     for (int64_t r = 0; r < rows; ++r) {
@@ -134,7 +134,7 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
           if (iy < 0 || iy >= g.in_h || ox_begin[r] >= ox_end[r]) continue;  // zeros
           const float* src = xd + ((b * g.in_h + iy) * g.in_w +
                                    g.input_col(ox_begin[r], kx[r])) * g.in_c + ci[r];
-          double* out = panel + r * K + k0;
+          float* out = panel + r * K + k0;
           for (int64_t ox = ox_begin[r]; ox < ox_end[r]; ++ox, src += x_step) out[ox] = *src;
         }
       }

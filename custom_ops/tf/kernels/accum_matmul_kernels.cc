@@ -29,7 +29,7 @@ absl::Status LaunchMatMul<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
   const float* a_data = a.flat<float>().data();
   const int64_t a_stride_i = transpose_a ? 1 : K;  // element (i, k) of logical A
   const int64_t a_stride_k = transpose_a ? M : 1;
-  RowGather gather = [=](int64_t row0, int64_t rows, double* panel) {
+  RowGather gather = [=](int64_t row0, int64_t rows, float* panel) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < K; ++k)
         panel[r * K + k] = a_data[(row0 + r) * a_stride_i + k * a_stride_k];

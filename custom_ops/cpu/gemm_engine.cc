@@ -77,7 +77,8 @@ class KeepDenormals {
 
 #define TFACCUM_INLINE inline __attribute__((always_inline))
 
-constexpr int kTileRows = kMaxPanelRows;
+constexpr int kPanelRows = kMaxPanelRows;  // rows of A gathered together (one row tile)
+constexpr int kTileRows = 4;               // rows of a two-vector tile
 constexpr int kTileVecs = 2;                        // vectors per tile row
 constexpr int kTileCols = kTileVecs * kLanes;       // binary64 tile: 16 outputs per row
 constexpr int kTileCols32 = kTileVecs * kLanesF32;  // binary32 tile: 32 outputs per row
@@ -86,7 +87,6 @@ constexpr int kMaxTileCols = kTileCols32;
 typedef float VecF8 __attribute__((vector_size(sizeof(float) * kLanes)));
 using TileD = VecD[kTileRows][kTileVecs];
 using TileU = VecU[kTileRows][kTileVecs];
-using TileF = VecF[kTileRows][kTileVecs];
 
 // The exponent fields a binary64 tile may round without a checked recompute: below
 // 2^emax of the format (see Round64 in gemm_tiles.inc).
@@ -119,17 +119,17 @@ struct TileJob {
   TileD* out;
 };
 
-// One binary32 tile: the same with float32 panels and vecs * kLanesF32 columns
-// (kTileCols32, or 16 when N <= 16).
+// One binary32 tile: `rows` rows of A times vecs * kLanesF32 columns: kTileRows x
+// kTileCols32, or kPanelRows x 16 when N <= 16. out[r * vecs + v].
 struct TileJob32 {
   const AccumParams* params;
-  int vecs;
+  int rows, vecs;
   Float32Params accumulator, product, chunk_accumulator;
   int64_t K;
-  const float* a_rows[kTileRows];
+  const float* a_rows[kPanelRows];
   const float* b;
   int64_t ldb;
-  TileF* out;
+  VecF* out;
 };
 
 // The lane operations of the portable paths: the round-to-odd sum by TwoSum
@@ -374,7 +374,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   }
   const EngineState& state = State();
   const PathFunctions& path = FunctionsOf(state.isa.load());
-  const int64_t row_tiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t row_tiles = (M + kPanelRows - 1) / kPanelRows;
 
   // B as float32 rows of N values, without the padding to whole column tiles that cost
   // 16x the size of B for N = 1. A tile reads kTileCols (kTileCols32) columns, so when N
@@ -423,11 +423,11 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   }
 
   // One A panel per worker that runs (at most one per row tile), handed out on first use.
-  // A GEMM with fewer than kTileRows rows gets panels of M rows: the tile's other rows
-  // repeat row 0, so an M = 1 GEMM needs K values, not 4K. Panels are float32, as every
+  // A GEMM with fewer than kPanelRows rows gets panels of M rows: a tile's rows past M
+  // repeat row 0, so an M = 1 GEMM needs K values, not 16K. Panels are float32, as every
   // operand is: half the memory traffic of binary64, which the long sums of filter
   // gradients are bound by; both lane types read them.
-  const int64_t panel_rows = std::min<int64_t>(kTileRows, M);
+  const int64_t panel_rows = std::min<int64_t>(kPanelRows, M);
   const int64_t panels = std::min<int64_t>(row_tiles, std::max(1, context.workers));
   float* panel_memory = static_cast<float*>(
       context.scratch(ScratchBytes(panels * panel_rows, K * 4), "the A panels"));
@@ -440,7 +440,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   const bool stochastic = params.rounding == kStochastic;
   const ElementIndex index = element_index(params, N);  // the generator's element of (i, j)
   // Roughly 15 vector instructions per product per 8 lanes.
-  const int64_t cost_per_row_tile = K * N * kTileRows * 2;
+  const int64_t cost_per_row_tile = K * N * kPanelRows * 2;
   context.parallel_for(row_tiles, cost_per_row_tile, [&](int64_t tile_begin, int64_t tile_end,
                                                          int worker) {
     KeepDenormals keep_denormals;
@@ -450,67 +450,85 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     TileU keys = {};
     TileD out64;
     TileJob job{&params, limits, K, {}, nullptr, ldb, &keys, &out64};
-    TileF out32;
+    VecF out32[kPanelRows];
     TileJob32 job32 = job32_template;
-    job32.vecs = N <= kLanesF32 ? 1 : kTileVecs;
-    const int64_t width32 = job32.vecs * kLanesF32;
     job32.K = K;
     job32.ldb = ldb;
-    job32.out = &out32;
+    job32.out = out32;
     int64_t tiles64 = 0, tiles32 = 0, redone = 0;
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t row0 = tile * kTileRows;
-      const int64_t rows = std::min<int64_t>(kTileRows, M - row0);
+      const int64_t row0 = tile * kPanelRows;
+      const int64_t rows = std::min<int64_t>(kPanelRows, M - row0);
       std::fill(panel, panel + rows * K, 0.0f);
       gather_a(row0, rows, panel);
-      // Rows past M repeat row 0 (their results are dropped), as in a panel of M rows.
-      for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel + (r < rows ? r : 0) * K;
+      // Panel row r of a tile, for r past the panel's rows a real row (results dropped).
+      auto panel_row = [&](int64_t r) { return panel + (r < rows ? r : 0) * K; };
 
-      // The binary64 tile whose columns start at col0 (col0 + kTileCols <= N unless N is
-      // smaller): computes it and writes its columns below N.
-      auto run64 = [&](int64_t col0) {
+      // The binary64 tile of rows [sub0, sub0 + kTileRows) of the panel whose columns
+      // start at col0 (col0 + kTileCols <= N unless N is smaller): computes it and writes
+      // its outputs inside the matrix.
+      auto run64 = [&](int64_t sub0, int64_t col0) {
+        for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel_row(sub0 + r);
         if (stochastic) {
           for (int r = 0; r < kTileRows; ++r)
             for (int w = 0; w < kTileCols; ++w)
               keys[r][w / kLanes][w % kLanes] = element_key(
                   params.seed, element_offset + index.offset +
-                                   static_cast<uint64_t>(row0 + r) * index.row_stride +
+                                   static_cast<uint64_t>(row0 + sub0 + r) * index.row_stride +
                                    static_cast<uint64_t>(col0 + w));
         }
         job.b = b_rows + col0;
         path.run_tile64(job);
         ++tiles64;
+        const int64_t r_end = std::min<int64_t>(kTileRows, rows - sub0);
         const int64_t w_end = std::min<int64_t>(kTileCols, N - col0);
-        for (int64_t r = 0; r < rows; ++r)
+        for (int64_t r = 0; r < r_end; ++r)
           for (int64_t w = 0; w < w_end; ++w)
-            c[(row0 + r) * N + col0 + w] = static_cast<float>(out64[r][w / kLanes][w % kLanes]);
+            c[(row0 + sub0 + r) * N + col0 + w] =
+                static_cast<float>(out64[r][w / kLanes][w % kLanes]);
+      };
+      // Binary64 tiles over the columns [col0, col0 + width) (clamped to the matrix) of
+      // the panel rows [sub0, sub0 + height).
+      auto run64_over = [&](int64_t sub0, int64_t height, int64_t col0, int64_t width) {
+        for (int64_t s = sub0; s < std::min<int64_t>(sub0 + height, rows); s += kTileRows)
+          for (int64_t first = col0; first < std::min<int64_t>(col0 + width, N);
+               first += kTileCols)
+            run64(s, std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols)));
+      };
+      // The binary32 tile of `height` panel rows from sub0 and width columns from col0;
+      // when a value leaves the lanes' range, the same outputs in binary64.
+      auto run32 = [&](int64_t sub0, int height, int vecs, int64_t col0) {
+        job32.rows = height;
+        job32.vecs = vecs;
+        for (int r = 0; r < height; ++r) job32.a_rows[r] = panel_row(sub0 + r);
+        job32.b = b_rows + col0;
+        const int64_t width = vecs * kLanesF32;
+        if (!path.run_tile32(job32)) {
+          ++redone;
+          run64_over(sub0, height, col0, width);
+          return;
+        }
+        ++tiles32;
+        const int64_t r_end = std::min<int64_t>(height, rows - sub0);
+        const int64_t w_end = std::min<int64_t>(width, N - col0);
+        for (int64_t r = 0; r < r_end; ++r)
+          for (int64_t w = 0; w < w_end; ++w)
+            c[(row0 + sub0 + r) * N + col0 + w] = out32[r * vecs + w / kLanesF32][w % kLanesF32];
       };
 
       bool tile32 = false;
-      if (float32) {
-        const OperandStats a_stats = path.operand_stats(panel, rows * K);
-        tile32 = ProductsExactInFloat32(a_stats, b_stats);
-        for (int r = 0; r < kTileRows; ++r) job32.a_rows[r] = job.a_rows[r];
-      }
-      if (tile32) {
-        for (int64_t first = 0; first < N; first += width32) {
-          const int64_t col0 = std::max<int64_t>(0, std::min<int64_t>(first, N - width32));
-          job32.b = b_rows + col0;
-          if (path.run_tile32(job32)) {
-            ++tiles32;
-            const int64_t w_end = std::min<int64_t>(width32, N - col0);
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t w = 0; w < w_end; ++w)
-                c[(row0 + r) * N + col0 + w] = out32[r][w / kLanesF32][w % kLanesF32];
-          } else {  // a value left the binary32 range: the same columns in binary64
-            ++redone;
-            run64(std::max<int64_t>(0, std::min<int64_t>(col0, N - kTileCols)));
-            if (col0 + kTileCols < N) run64(std::min<int64_t>(col0 + kTileCols, N - kTileCols));
-          }
-        }
+      if (float32) tile32 = ProductsExactInFloat32(path.operand_stats(panel, rows * K), b_stats);
+      if (tile32 && N <= kLanesF32) {
+        // One vector of columns: the whole panel in one tile, enough independent sums
+        // to hide the latency of each rounding.
+        run32(0, kPanelRows, 1, 0);
+      } else if (tile32) {
+        for (int64_t sub0 = 0; sub0 < rows; sub0 += kTileRows)
+          for (int64_t first = 0; first < N; first += kTileCols32)
+            run32(sub0, kTileRows, kTileVecs,
+                  std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols32)));
       } else {
-        for (int64_t first = 0; first < N; first += kTileCols)
-          run64(std::max<int64_t>(0, std::min<int64_t>(first, N - kTileCols)));
+        run64_over(0, rows, 0, N);
       }
     }
     Count(kEngineTiles64, tiles64);

@@ -14,7 +14,7 @@
 namespace tfaccum {
 
 // The engine asks a RowGather for at most this many rows at a time.
-constexpr int kMaxPanelRows = 4;
+constexpr int kMaxPanelRows = 16;
 
 // Fills `panel` (rows x K, row-major, float32) with rows row0 .. row0+rows-1 of A. The
 // panel arrives zeroed: taps outside the input may be left alone (exact zeros).

@@ -68,8 +68,9 @@ def test_random_narrow_operands_take_the_binary32_lanes(engine_path):
             chunk = int(rng.choice([0, 0, 1, 7, 64]))
             config = AccumConfig(accumulator=acc, product=product, chunk_size=chunk,
                                  rounding=str(rng.choice(["nearest_even", "toward_zero"])))
-            M, N, K = (int(rng.integers(1, 10)), int(rng.choice([1, 15, 17, 31, 33, 64, 70])),
-                       int(rng.integers(0, 150)))
+            # M past one 16-row panel and N at the one-vector limit (16) included.
+            M, N, K = (int(rng.choice([1, 3, 4, 5, 9, 16, 17, 35])),
+                       int(rng.choice([1, 15, 16, 17, 31, 33, 64, 70])), int(rng.integers(0, 150)))
             span = 2 if fmt in (E5M2, E4M3) else 6
             check_matmul(narrow_operands(rng, (M, K), fmt, span),
                          narrow_operands(rng, (K, N), fmt, span), config)

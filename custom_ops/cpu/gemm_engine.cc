@@ -459,7 +459,6 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t row0 = tile * kPanelRows;
       const int64_t rows = std::min<int64_t>(kPanelRows, M - row0);
-      std::fill(panel, panel + rows * K, 0.0f);
       gather_a(row0, rows, panel);
       // Panel row r of a tile, for r past the panel's rows a real row (results dropped).
       auto panel_row = [&](int64_t r) { return panel + (r < rows ? r : 0) * K; };

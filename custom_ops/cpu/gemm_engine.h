@@ -16,8 +16,9 @@ namespace tfaccum {
 // The engine asks a RowGather for at most this many rows at a time.
 constexpr int kMaxPanelRows = 16;
 
-// Fills `panel` (rows x K, row-major, float32) with rows row0 .. row0+rows-1 of A. The
-// panel arrives zeroed: taps outside the input may be left alone (exact zeros).
+// Fills `panel` (rows x K, row-major, float32) with rows row0 .. row0+rows-1 of A, every
+// element of it (taps outside the input are exact zeros): the panel arrives uninitialized,
+// because zeroing it first costs a pass over memory that long sums are bound by.
 using RowGather = std::function<void(int64_t row0, int64_t rows, float* panel)>;
 
 // The engine's access to the framework's threads and memory.

@@ -32,7 +32,10 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
         const int64_t iy = g.input_row(oy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.in_c) {
           const int64_t ix = g.input_col(ox, kx);
-          if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;  // zeros
+          if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) {  // exact zeros
+            std::fill(out, out + g.in_c, 0.0f);
+            continue;
+          }
           const float* src = xd + ((b * g.in_h + iy) * g.in_w + ix) * g.in_c;
           for (int64_t ci = 0; ci < g.in_c; ++ci) out[ci] = src[ci];
         }
@@ -84,7 +87,10 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
         const int64_t oy = g.output_row(iy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.out_c) {
           const int64_t ox = g.output_col(ix, kx);
-          if (oy < 0 || ox < 0) continue;  // exact zeros
+          if (oy < 0 || ox < 0) {  // exact zeros
+            std::fill(out, out + g.out_c, 0.0f);
+            continue;
+          }
           const float* src = dyd + ((b * g.out_h + oy) * g.out_w + ox) * g.out_c;
           for (int64_t co = 0; co < g.out_c; ++co) out[co] = src[co];
         }
@@ -108,8 +114,8 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
   // A row is one (ky, kx, ci) over all (b, oy, ox). The panel is filled one output row
   // (b, oy) at a time, all its rows together, so that their taps (neighbouring channels
   // of one image row, as a rule) are read from the same cache lines; within it each row
-  // is a strided copy over the range of ox whose taps fall inside the image (the engine
-  // zeroed the panel, so the taps outside stay exact zeros).
+  // is a strided copy over the range of ox whose taps fall inside the image, and exact
+  // zeros outside it.
   RowGather gather = [g, xd, K](int64_t row0, int64_t rows, float* panel) {
     int64_t ci[kMaxPanelRows], kx[kMaxPanelRows], ky[kMaxPanelRows];
     int64_t ox_begin[kMaxPanelRows], ox_end[kMaxPanelRows];
@@ -130,12 +136,17 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         const int64_t k0 = (b * g.out_h + oy) * g.out_w;
         for (int64_t r = 0; r < rows; ++r) {
+          float* out = panel + r * K + k0;
           const int64_t iy = g.input_row(oy, ky[r]);
-          if (iy < 0 || iy >= g.in_h || ox_begin[r] >= ox_end[r]) continue;  // zeros
+          if (iy < 0 || iy >= g.in_h || ox_begin[r] >= ox_end[r]) {
+            std::fill(out, out + g.out_w, 0.0f);
+            continue;
+          }
+          std::fill(out, out + ox_begin[r], 0.0f);
           const float* src = xd + ((b * g.in_h + iy) * g.in_w +
                                    g.input_col(ox_begin[r], kx[r])) * g.in_c + ci[r];
-          float* out = panel + r * K + k0;
           for (int64_t ox = ox_begin[r]; ox < ox_end[r]; ++ox, src += x_step) out[ox] = *src;
+          std::fill(out + ox_end[r], out + g.out_w, 0.0f);
         }
       }
   };

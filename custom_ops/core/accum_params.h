@@ -74,7 +74,7 @@ inline FormatParams make_format_params(const Format& f, int32_t rounding) {
   p.flush_below = f.subnormals ? 0.0 : pow2_d(emin);
   p.overflow_probe = pow2_d(1023 - bias);
   const bool to_inf = f.overflow_inf && rounding != kTowardZero;
-  p.overflow_value = to_inf ? from_bits(0x7ff0000000000000ULL) : p.max_value;
+  p.overflow_value = to_inf ? from_bits(uint64_t{0x7ff0000000000000ULL}) : p.max_value;
   return p;
 }
 

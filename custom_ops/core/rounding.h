@@ -80,7 +80,9 @@ struct AccumParams {
 // ---- Lane-generic primitives ---------------------------------------------------------
 // The core below is written once for a value type D with bit type U: D = double,
 // U = uint64_t on the GPU and in scalar CPU code; D = VecD, U = VecU (GCC vector types,
-// eight lanes) in the CPU engine. A mask is all ones or all zeros per lane.
+// eight lanes) in the CPU engine. The sum rounded to odd, abs_d and copysign_d also take
+// binary32 values (float, uint32_t; VecF, VecU32: sixteen lanes) for the engine's binary32
+// lanes (rounding_f32.h). A mask is all ones or all zeros per lane.
 
 TFACCUM_HD uint64_t to_bits(double x) {
 #if defined(__CUDA_ARCH__)
@@ -102,6 +104,26 @@ TFACCUM_HD double from_bits(uint64_t u) {
 #endif
 }
 
+TFACCUM_HD uint32_t to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__float_as_uint(x));
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+TFACCUM_HD float from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  __builtin_memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
 TFACCUM_HD uint64_t mask(bool condition) { return uint64_t{0} - static_cast<uint64_t>(condition); }
 // Bits as signed integers, for comparing values below 2^63 (exponent fields): AVX2 has no
 // unsigned 64-bit compare, and GCC lowers one lane by lane.
@@ -118,6 +140,34 @@ TFACCUM_HD VecD from_bits(VecU u) { return reinterpret_cast<VecD>(u); }
 TFACCUM_HD VecU mask(VecI condition) { return reinterpret_cast<VecU>(condition); }
 TFACCUM_HD VecI as_signed(VecU u) { return reinterpret_cast<VecI>(u); }
 TFACCUM_HD VecD to_double(VecU u) { return __builtin_convertvector(u, VecD); }
+
+typedef float VecF __attribute__((vector_size(64)));
+typedef uint32_t VecU32 __attribute__((vector_size(64)));
+typedef int32_t VecI32 __attribute__((vector_size(64)));
+constexpr int kLanesF32 = 16;
+TFACCUM_HD VecU32 to_bits(VecF x) { return reinterpret_cast<VecU32>(x); }
+TFACCUM_HD VecF from_bits(VecU32 u) { return reinterpret_cast<VecF>(u); }
+TFACCUM_HD VecU32 mask(VecI32 condition) { return reinterpret_cast<VecU32>(condition); }
+#endif
+
+// The sign bit of D's bit pattern, and its position.
+template <class D>
+struct SignBit;
+template <>
+struct SignBit<double> {
+  static constexpr uint64_t kMask = 0x8000000000000000ULL;
+  static constexpr int kShift = 63;
+};
+template <>
+struct SignBit<float> {
+  static constexpr uint32_t kMask = 0x80000000u;
+  static constexpr int kShift = 31;
+};
+#if !defined(__CUDACC__)
+template <>
+struct SignBit<VecD> : SignBit<double> {};
+template <>
+struct SignBit<VecF> : SignBit<float> {};
 #endif
 
 // select(condition, a, b): `condition` is a comparison result (bool, or a vector of
@@ -138,17 +188,24 @@ TFACCUM_HD VecU select(VecI condition, VecU if_true, VecU if_false) {
 TFACCUM_HD VecD select(VecI condition, VecD if_true, VecD if_false) {
   return from_bits(select(condition, to_bits(if_true), to_bits(if_false)));
 }
+TFACCUM_HD VecU32 select(VecI32 condition, VecU32 if_true, VecU32 if_false) {
+  const VecU32 m = reinterpret_cast<VecU32>(condition);
+  return (if_true & m) | (if_false & ~m);
+}
+TFACCUM_HD VecF select(VecI32 condition, VecF if_true, VecF if_false) {
+  return from_bits(select(condition, to_bits(if_true), to_bits(if_false)));
+}
 #endif
 
 template <class D>
 TFACCUM_HD D abs_d(D x) {
-  return from_bits(to_bits(x) & 0x7fffffffffffffffULL);
+  return from_bits(to_bits(x) & ~SignBit<D>::kMask);
 }
 
 template <class D>
 TFACCUM_HD D copysign_d(D magnitude, D sign) {
-  return from_bits((to_bits(magnitude) & 0x7fffffffffffffffULL) |
-                   (to_bits(sign) & 0x8000000000000000ULL));
+  return from_bits((to_bits(magnitude) & ~SignBit<D>::kMask) |
+                   (to_bits(sign) & SignBit<D>::kMask));
 }
 
 inline double pow2_d(int64_t e) {  // 2^e for -1022 <= e <= 1023
@@ -217,7 +274,7 @@ TFACCUM_HD uint64_t chunk_counter(int64_t j) { return 3 * static_cast<uint64_t>(
 template <int R, class D, class U>
 TFACCUM_HD D round_to_grid_at(D x, U e, const FormatParams& f, U rbits) {
   const D magic = from_bits(e + static_cast<uint64_t>(f.magic_offset));  // 1.5 * 2^(E-m+52)
-  D r = from_bits(to_bits((x + magic) - magic) | (to_bits(x) & 0x8000000000000000ULL));
+  D r = from_bits(to_bits((x + magic) - magic) | (to_bits(x) & SignBit<D>::kMask));
   if (R != kNearestEven) {
     const D ulp = from_bits(e - static_cast<uint64_t>(f.ulp_offset));  // 2^(E - m)
     const D magnitude_x = abs_d(x);
@@ -283,8 +340,9 @@ TFACCUM_HD double quantize_any(double x, const FormatParams& f, int32_t rounding
   return quantize<kStochastic>(x, f, rbits);
 }
 
-// s + p as one binary64 rounded to odd: exact when the sum is, else the neighbour of the
-// binary64 sum whose last bit is 1 on the side of the exact value.
+// s + p as one value of D's format rounded to odd: exact when the sum is, else the
+// neighbour of the rounded sum whose last bit is 1 on the side of the exact value. For
+// binary32 lanes also (rounding_f32.h), where an overflowing sum is left to the caller.
 template <class D>
 TFACCUM_HD D add_round_to_odd(D s, D p) {
   const D hi = s + p;
@@ -293,9 +351,9 @@ TFACCUM_HD D add_round_to_odd(D s, D p) {
   const D lo = (s - s_virtual) + (p - p_virtual);  // exact error (TwoSum)
   auto bits = to_bits(hi);
   // Branch-free so that loops over outputs vectorize.
-  const auto inexact = mask(abs_d(lo) > 0.0);  // false for a NaN lo (Inf inputs)
+  const auto inexact = mask(abs_d(lo) > D{});  // false for a NaN lo (Inf inputs)
   const auto adjust = inexact & ~bits & 1;                 // only an even hi moves
-  const auto shrinks = (bits ^ to_bits(lo)) >> 63;         // lo points toward zero
+  const auto shrinks = (bits ^ to_bits(lo)) >> SignBit<D>::kShift;  // lo points to zero
   bits += adjust - 2 * (adjust & shrinks);  // +1 ulp away from zero, or -1 toward it
   return from_bits(bits);
 }

@@ -53,84 +53,19 @@ inline Float32Params float32_params(const FormatParams& f, int32_t rounding) {
   return p;
 }
 
-#if !defined(__CUDACC__)
-typedef float VecF __attribute__((vector_size(64)));
-typedef uint32_t VecU32 __attribute__((vector_size(64)));
-typedef int32_t VecI32 __attribute__((vector_size(64)));
-constexpr int kLanesF32 = 16;
-TFACCUM_HD VecU32 to_bits(VecF x) { return reinterpret_cast<VecU32>(x); }
-TFACCUM_HD VecF from_bits(VecU32 u) { return reinterpret_cast<VecF>(u); }
-TFACCUM_HD VecU32 mask(VecI32 condition) { return reinterpret_cast<VecU32>(condition); }
-// As select in rounding.h: vector conditions blend bits.
-TFACCUM_HD VecU32 select(VecI32 condition, VecU32 if_true, VecU32 if_false) {
-  const VecU32 m = reinterpret_cast<VecU32>(condition);
-  return (if_true & m) | (if_false & ~m);
-}
-TFACCUM_HD VecF select(VecI32 condition, VecF if_true, VecF if_false) {
-  return from_bits(select(condition, to_bits(if_true), to_bits(if_false)));
-}
-#endif
-
-TFACCUM_HD uint32_t to_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint32_t>(__float_as_uint(x));
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-TFACCUM_HD float from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  __builtin_memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
-
-template <class F>
-TFACCUM_HD F abs_f32(F x) {
-  return from_bits(to_bits(x) & 0x7fffffffu);
-}
-
-template <class F>
-TFACCUM_HD F copysign_f32(F magnitude, F sign) {
-  return from_bits((to_bits(magnitude) & 0x7fffffffu) | (to_bits(sign) & 0x80000000u));
-}
-
-// s + p as one binary32 rounded to odd, by TwoSum (the portable form; the AVX-512 and
-// CUDA engines use directed-rounding adds instead). Exact for finite s, p whose sum does
-// not overflow (an overflow fails P4).
-template <class F>
-TFACCUM_HD F add_round_to_odd_f32(F s, F p) {
-  const F hi = s + p;
-  const F p_virtual = hi - s;
-  const F s_virtual = hi - p_virtual;
-  const F lo = (s - s_virtual) + (p - p_virtual);
-  auto bits = to_bits(hi);
-  const auto inexact = mask(abs_f32(lo) > 0.0f);
-  const auto adjust = inexact & ~bits & 1u;
-  const auto shrinks = (bits ^ to_bits(lo)) >> 31;
-  bits += adjust - 2u * (adjust & shrinks);
-  return from_bits(bits);
-}
-
 // x rounded to the format's grid under mode R (nearest-even or toward zero), as
 // round_to_grid_at in rounding.h with C = 1.5 * 2^(E - m + 23); e = max(exponent field
 // of x, emin_field).
 template <int R, class F, class U>
 TFACCUM_HD F round_to_grid_f32_at(F x, U e, const Float32Params& f) {
   const F magic = from_bits(e + f.magic_offset);
-  F r = from_bits(to_bits((x + magic) - magic) | (to_bits(x) & 0x80000000u));
+  F r = from_bits(to_bits((x + magic) - magic) | (to_bits(x) & SignBit<F>::kMask));
   if (R == kTowardZero) {
     const F ulp = from_bits(e) * f.ulp_scale;  // e holds only an exponent: 2^E
-    const F magnitude_x = abs_f32(x);
-    F truncated = abs_f32(r);
+    const F magnitude_x = abs_d(x);
+    F truncated = abs_d(r);
     truncated = select(truncated > magnitude_x, truncated - ulp, truncated);
-    r = copysign_f32(truncated, x);
+    r = copysign_d(truncated, x);
   }
   return r;
 }

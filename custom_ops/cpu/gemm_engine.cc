@@ -133,14 +133,14 @@ struct TileJob32 {
 };
 
 // The lane operations of the portable paths: the round-to-odd sum by TwoSum
-// (rounding.h, rounding_f32.h); the maximum as a blend of bits (GCC 12 scalarizes the
+// (rounding.h); the maximum as a blend of bits (GCC 12 scalarizes the
 // conditional form lane by lane).
 struct PortableOps {
   // One record per role: with 16 vector registers (AVX2: a VecD is two of them) more
   // records spill the tile to memory.
   static constexpr int kRecords = 1;
   static TFACCUM_INLINE VecD add(VecD s, VecD p) { return add_round_to_odd(s, p); }
-  static TFACCUM_INLINE VecF add(VecF s, VecF p) { return add_round_to_odd_f32(s, p); }
+  static TFACCUM_INLINE VecF add(VecF s, VecF p) { return add_round_to_odd(s, p); }
   // Compared as signed integers: every value maxed here is below 2^63 (2^31), and AVX2
   // has no unsigned 64-bit compare (GCC lowers one lane by lane).
   static TFACCUM_INLINE VecU max(VecU a, VecU b) {

@@ -79,6 +79,7 @@ class KeepDenormals {
 
 constexpr int kPanelRows = kMaxPanelRows;  // rows of A gathered together (one row tile)
 constexpr int kTileRows = 4;               // rows of a two-vector tile
+constexpr int kTallRows = 8;               // rows of a one-vector binary32 tile
 constexpr int kTileVecs = 2;                        // vectors per tile row
 constexpr int kTileCols = kTileVecs * kLanes;       // binary64 tile: 16 outputs per row
 constexpr int kTileCols32 = kTileVecs * kLanesF32;  // binary32 tile: 32 outputs per row
@@ -120,7 +121,7 @@ struct TileJob {
 };
 
 // One binary32 tile: `rows` rows of A times vecs * kLanesF32 columns: kTileRows x
-// kTileCols32, or kPanelRows x 16 when N <= 16. out[r * vecs + v].
+// kTileCols32, or kTallRows x 16 when N <= 16. out[r * vecs + v].
 struct TileJob32 {
   const AccumParams* params;
   int rows, vecs;
@@ -520,7 +521,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       if (tile32 && N <= kLanesF32) {
         // One vector of columns: the whole panel in one tile, enough independent sums
         // to hide the latency of each rounding.
-        run32(0, kPanelRows, 1, 0);
+        for (int64_t sub0 = 0; sub0 < rows; sub0 += kTallRows) run32(sub0, kTallRows, 1, 0);
       } else if (tile32) {
         for (int64_t sub0 = 0; sub0 < rows; sub0 += kTileRows)
           for (int64_t first = 0; first < N; first += kTileCols32)

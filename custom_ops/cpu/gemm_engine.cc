@@ -519,8 +519,8 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       bool tile32 = false;
       if (float32) tile32 = ProductsExactInFloat32(path.operand_stats(panel, rows * K), b_stats);
       if (tile32 && N <= kLanesF32) {
-        // One vector of columns: the whole panel in one tile, enough independent sums
-        // to hide the latency of each rounding.
+        // One vector of columns: tiles of 8 rows, enough independent sums to hide the
+        // latency of each rounding (16 would spill registers).
         for (int64_t sub0 = 0; sub0 < rows; sub0 += kTallRows) run32(sub0, kTallRows, 1, 0);
       } else if (tile32) {
         for (int64_t sub0 = 0; sub0 < rows; sub0 += kTileRows)

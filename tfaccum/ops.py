@@ -343,6 +343,55 @@ def accum_conv2d(x, w, config_or_policy: ConfigOrPolicy, strides=(1, 1),
     return tf.concat(outputs, axis=-1, name=name)
 
 
+def accum_conv2d_transpose(x, w, output_shape, config_or_policy: ConfigOrPolicy,
+                           strides=(1, 1), padding: Union[str, Sequence] = "SAME",
+                           dilations=(1, 1), step=0, name=None) -> tf.Tensor:
+    """Transposed 2-D convolution (``tf.nn.conv2d_transpose``) with rounded accumulation.
+
+    It is the input gradient of the convolution, by ``w``, of an input of shape
+    ``output_shape`` whose output has ``x``'s shape: the same op (and order of each sum,
+    numerics §5) as ``accum_conv2d``'s ``bwd``, here under the policy's ``fwd``.
+
+    Args:
+      x: float32 ``[B, H, W, Cin]``.
+      w: float32 ``[KH, KW, Cout, Cin]`` (``tf.nn.conv2d_transpose``'s layout).
+      output_shape: ``[B, OH, OW, Cout]``, ints or an integer tensor; the convolution of
+        that shape with ``strides``, ``padding``, ``dilations`` must give ``x``'s shape.
+      config_or_policy: ``fwd`` for ``y``; ``bwd`` for ``dx`` (a forward convolution of
+        ``dy`` by ``w``); ``grad`` for ``dw`` (a filter gradient, summed over
+        ``(b, oy, ox)`` of ``dy``'s image).
+
+    ``y[b,oy,ox,co]`` sums ``(ky, kx, ci)`` in row-major order over the taps where
+    ``(oy + pad_top - ky·dy) / sy`` (likewise ``ox``) is an integer inside ``x``; the other
+    taps are exact zero products that count in the length.
+    """
+    policy = as_policy(config_or_policy)
+    step = _step_input(step)
+    x = _check_float32("x", x)
+    w = _check_float32("w", w)
+    if x.shape.rank is not None and x.shape.rank != 4:
+        raise ValueError(f"x must be NHWC (rank 4), got shape {x.shape}")
+    if w.shape.rank is not None and w.shape.rank != 4:
+        raise ValueError(f"w must be [KH, KW, Cout, Cin] (rank 4), got shape {w.shape}")
+    if (x.shape.rank == 4 and w.shape.rank == 4 and None not in (x.shape[3], w.shape[3])
+            and x.shape[3] != w.shape[3]):
+        raise ValueError(f"channel mismatch: x has {x.shape[3]} channels, w (as [KH, KW, "
+                         f"Cout, Cin]) expects {w.shape[3]}")
+    attrs = _padding_attrs(padding)
+    sh, sw = _pair("strides", strides)
+    dh, dw = _pair("dilations", dilations)
+    x, w = _quantize_operands(policy, x, w)
+    # The raw op's gradient takes d(out_backprop) from its policy's `fwd` and d(filter)
+    # from `grad`, their roles under a convolution's backward pass. Here the op is the
+    # forward, so its attribute carries the policy with fwd and bwd exchanged: dx gets
+    # `bwd`, dw `grad`, and the op itself runs under `fwd`.
+    roles = AccumPolicy(fwd=policy.bwd, bwd=policy.fwd, grad=policy.grad,
+                        operands=policy.operands)
+    attrs.update(strides=[sh, sw], dilations=[dh, dw], **_config_attrs(policy.fwd, roles))
+    sizes = tf.cast(tf.convert_to_tensor(output_shape), tf.int64)
+    return load_library().tfaccum_conv2d_backprop_input(sizes, w, x, step, name=name, **attrs)
+
+
 # The gradients pass the operands' shapes as int64 (the ops' Tsizes attribute), so that
 # a dimension of 2^31 or more is a size like any other.
 @tf.RegisterGradient("TfaccumConv2D")
@@ -393,5 +442,5 @@ def _conv2d_backprop_filter_grad(op, ddw):
     return d_x, None, d_dy, None
 
 
-__all__ = ["quantize", "accum_matmul", "accum_conv2d", "load_library", "AccumConfig",
-           "AccumPolicy", "FloatFormat"]
+__all__ = ["quantize", "accum_matmul", "accum_conv2d", "accum_conv2d_transpose",
+           "load_library", "AccumConfig", "AccumPolicy", "FloatFormat"]

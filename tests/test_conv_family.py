@@ -375,3 +375,61 @@ def test_transpose_op_rejects_bad_operands():
     with pytest.raises(TypeError, match="float32"):
         tfaccum.accum_conv2d_transpose(tf.zeros((1, 3, 3, 2), tf.float64),
                                        tf.zeros((2, 2, 4, 2)), [1, 4, 4, 4], AccumPolicy())
+
+
+# --------------------------------------------------------------------------------------
+# Analysis
+# --------------------------------------------------------------------------------------
+def test_predict_lists_the_single_kernel_convolutions_with_their_lengths():
+    keras.utils.set_random_seed(9)
+    inp = keras.Input((8, 8, 2))
+    a = keras.layers.Conv2DTranspose(3, 2, strides=2, padding="same", name="up")(inp)
+    a = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, activation="relu", name="dw")(a)
+    a = keras.layers.Reshape((14 * 14, 6))(a)
+    a = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, name="c1")(a)
+    a = keras.layers.DepthwiseConv1D(5, strides=3, name="dw1")(a)
+    a = keras.layers.Conv1DTranspose(2, 3, name="tr1")(a)
+    out = keras.layers.Dense(3, name="fc")(keras.layers.GlobalAveragePooling1D()(a))
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(4).standard_normal((6, 8, 8, 2)).astype(np.float32)
+    x[x < -0.5] = 0.0  # some zero operands, so effective lengths differ from lengths
+    plan = tfaccum.analysis.predict(model, batch_size=16, data=x, direct=False)
+    names = ["up", "dw", "c1", "dw1", "tr1", "fc"]
+    assert [p.layer for p in plan.layers] == names
+    for p in plan.layers:
+        (row,) = [r for r in gemm_lengths_of(model, p.layer, 16)]
+        for g in ("fwd", "bwd", "grad"):
+            gemm = p.gemm(g)
+            assert gemm.length == getattr(row, g), (p.layer, g)
+            assert 0 < gemm.effective_length <= gemm.length, (p.layer, g)
+    dw = plan.layers[1]
+    assert (dw.fwd.length, dw.bwd.length, dw.grad.length) == (9, 18, 16 * 14 * 14)
+    # The measured counts are those of the bilinear convolution: the depthwise FWD of
+    # inputs with zeros sums fewer non-zero products than its 9.
+    assert dw.fwd.effective_length < 9
+
+
+def gemm_lengths_of(model, name, batch):
+    layer = model.get_layer(name)
+    ((in_shape, out_shape),) = tfaccum.inventory.call_shapes(layer)
+    return gemm_rows(layer, in_shape, out_shape, batch)
+
+
+@pytest.mark.parametrize("layer", [
+    keras.layers.DepthwiseConv2D(3, depth_multiplier=2, depthwise_regularizer="l2"),
+    keras.layers.Conv1DTranspose(3, 2, strides=2, kernel_regularizer="l2"),
+    keras.layers.Conv1D(4, 3, padding="causal"),
+], ids=["depthwise", "transpose1d", "causal1d"])
+def test_gemm_probe_measures_the_new_layers(layer):
+    from tfaccum.analysis.measure import GemmProbe
+
+    shape = (2, 6, 5, 2) if isinstance(layer, keras.layers.DepthwiseConv2D) else (2, 6, 2)
+    x = tf.constant(np.random.default_rng(5).standard_normal(shape).astype(np.float32))
+    y = layer(x)
+    dz = tf.ones_like(y)
+    narrow = AccumPolicy.uniform(AccumConfig("e6m3"))
+    exact = GemmProbe(layer, AccumPolicy(), input_shape=shape).compare(x, dz)
+    rough = GemmProbe(layer, narrow, input_shape=shape).compare(x, dz)
+    for g in ("fwd", "bwd", "grad"):
+        assert exact[g].mse == 0.0 and exact[g].count > 0
+        assert rough[g].mse > 0.0

@@ -12,6 +12,8 @@ Conv2D     ``KH*KW*Cin/groups``           ``KH*KW*Cout/groups``  ``B*OH*OW``
 Dense      fan-in (last input dim)        ``units``              ``B`` x extra leading dims
 =========  =============================  =====================  =======================
 
+The 1-D, depthwise, separable and transposed convolutions: see :func:`gemm_rows`.
+
 :func:`tfaccum.summary`, :func:`tfaccum.rewrite`, :func:`tfaccum.analysis.predict` and
 the training driver's layer choices and health probe all use it, so they agree on which
 layers a model has and how long their sums are::
@@ -38,7 +40,7 @@ import keras
 from tfaccum.config import AccumPolicy
 from tfaccum.layers import TWINS
 
-__all__ = ["walk", "gemm_layers", "emulated_layers", "call_shapes", "GemmLengths",
+__all__ = ["walk", "gemm_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
            "lengths", "gemm_rows", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
            "not_emulated_reason", "EMULATED"]
 
@@ -82,11 +84,19 @@ def walk(model, *, into_layers: bool = False) -> List[Tuple[Any, tuple]]:
     return out
 
 
+#: The layers of one GEMM set on one ``kernel``: Dense and the convolutions other than
+#: the separable ones (whose two GEMM sets share one layer and its policy).
+SINGLE_GEMM = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
+               keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+               keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
+
+
 def gemm_layers(model) -> list:
-    """The ``Dense``/``Conv2D`` layers of ``model`` (tfaccum's twins included; descending
-    into nested models), in order, each once."""
-    return [layer for layer, _ in walk(model)
-            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+    """The layers of ``model`` with one GEMM set on one ``kernel`` (:data:`SINGLE_GEMM`:
+    ``Dense`` and the 1-D/2-D, depthwise and transposed convolutions, tfaccum's twins
+    included; descending into nested models), in order, each once: the layers the
+    analysis measures and plans."""
+    return [layer for layer, _ in walk(model) if isinstance(layer, SINGLE_GEMM)]
 
 
 def emulated_layers(model, *, into_layers: bool = False) -> list:

@@ -12,6 +12,8 @@ Conv2D     ``KH*KW*Cin/groups``           ``KH*KW*Cout/groups``  ``B*OH*OW``
 Dense      fan-in (last input dim)        ``units``              ``B`` x extra leading dims
 =========  =============================  =====================  =======================
 
+The 1-D, depthwise, separable and transposed convolutions: see :func:`gemm_rows`.
+
 :func:`tfaccum.summary`, :func:`tfaccum.rewrite`, :func:`tfaccum.analysis.predict` and
 the training driver's layer choices and health probe all use it, so they agree on which
 layers a model has and how long their sums are::
@@ -36,14 +38,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import keras
 
 from tfaccum.config import AccumPolicy
-from tfaccum.layers import TWINS, AccumConv2D, AccumDense
+from tfaccum.layers import TWINS
 
-__all__ = ["walk", "gemm_layers", "emulated_layers", "call_shapes", "GemmLengths",
-           "lengths", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
+__all__ = ["walk", "gemm_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
+           "lengths", "gemm_rows", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
            "not_emulated_reason", "EMULATED"]
 
 #: The tfaccum layer classes: the layers whose GEMMs are emulated.
-EMULATED = (AccumDense, AccumConv2D)
+EMULATED = tuple(TWINS.values())
 
 
 # --------------------------------------------------------------------------------------
@@ -82,11 +84,19 @@ def walk(model, *, into_layers: bool = False) -> List[Tuple[Any, tuple]]:
     return out
 
 
+#: The layers of one GEMM set on one ``kernel``: Dense and the convolutions other than
+#: the separable ones (whose two GEMM sets share one layer and its policy).
+SINGLE_GEMM = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D,
+               keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+               keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
+
+
 def gemm_layers(model) -> list:
-    """The ``Dense``/``Conv2D`` layers of ``model`` (tfaccum's twins included; descending
-    into nested models), in order, each once."""
-    return [layer for layer, _ in walk(model)
-            if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))]
+    """The layers of ``model`` with one GEMM set on one ``kernel`` (:data:`SINGLE_GEMM`:
+    ``Dense`` and the 1-D/2-D, depthwise and transposed convolutions, tfaccum's twins
+    included; descending into nested models), in order, each once: the layers the
+    analysis measures and plans."""
+    return [layer for layer, _ in walk(model) if isinstance(layer, SINGLE_GEMM)]
 
 
 def emulated_layers(model, *, into_layers: bool = False) -> list:
@@ -183,6 +193,9 @@ class GemmLengths:
     grad: Optional[int]
     grad_per_example: Optional[int]
     policy: Optional[AccumPolicy]
+    #: which GEMM set of the layer ("" for a layer with one; "depthwise" / "pointwise"
+    #: for a separable convolution)
+    gemm: str = ""
 
 
 def _prod(values) -> Optional[int]:
@@ -196,29 +209,70 @@ def _prod(values) -> Optional[int]:
 
 def lengths(layer, input_shape: Sequence, output_shape: Sequence,
             batch_size: Optional[int] = None) -> GemmLengths:
-    """The FWD, BWD and GRAD lengths of one call of a Dense/Conv2D layer on
+    """The FWD, BWD and GRAD lengths of one call of a Dense or convolution layer on
     ``input_shape`` giving ``output_shape``; the batch dimension is ``batch_size``, or the
-    input's own when that is None. Lengths set by an unknown dimension are None."""
+    input's own when that is None. Lengths set by an unknown dimension are None. A
+    separable convolution has two GEMM sets: this is its first, :func:`gemm_rows` both."""
+    return gemm_rows(layer, input_shape, output_shape, batch_size)[0]
+
+
+def _times(a, b) -> Optional[int]:
+    return None if a is None or b is None else int(a) * int(b)
+
+
+def gemm_rows(layer, input_shape: Sequence, output_shape: Sequence,
+              batch_size: Optional[int] = None) -> List[GemmLengths]:
+    """The :class:`GemmLengths` of each GEMM set of one call of a GEMM layer (two for a
+    separable convolution, its depthwise and its pointwise one; one otherwise). ``K`` is
+    the kernel's spatial size (``KH*KW``, or ``K`` in 1-D), ``M`` the depth multiplier:
+
+    ==================  ===============  =================  ===========================
+    layer               FWD              BWD                GRAD
+    ==================  ===============  =================  ===========================
+    Conv1D/2D           ``K*Cin/G``      ``K*filters/G``    ``B`` x output spatial size
+    Depthwise 1D/2D     ``K``            ``K*M``            ``B`` x output spatial size
+    Separable 1D/2D     depthwise, then pointwise: ``Cin*M``, ``filters``, as depthwise
+    Conv1D/2DTranspose  ``K*Cin``        ``K*filters``      ``B`` x *input* spatial size
+    ==================  ===============  =================  ===========================
+    """
     input_shape, output_shape = tuple(input_shape), tuple(output_shape)
     batch = batch_size if batch_size is not None else input_shape[0]
-    if isinstance(layer, keras.layers.Conv2D):
-        kh, kw = layer.kernel_size
-        groups = getattr(layer, "groups", 1) or 1
+    conv_types = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.DepthwiseConv1D,
+                  keras.layers.DepthwiseConv2D, keras.layers.SeparableConv1D,
+                  keras.layers.SeparableConv2D, keras.layers.Conv1DTranspose,
+                  keras.layers.Conv2DTranspose)
+    sets = []  # (gemm, fwd, bwd, per_example)
+    if isinstance(layer, conv_types):
+        k = _prod(layer.kernel_size)
         channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
         cin = input_shape[1] if channels_first else input_shape[-1]
-        oh, ow = output_shape[2:4] if channels_first else output_shape[1:3]
-        fwd = None if cin is None else kh * kw * int(cin) // groups
-        bwd = kh * kw * layer.filters // groups
-        per_example = _prod([oh, ow])
+        spatial_in = input_shape[2:] if channels_first else input_shape[1:-1]
+        spatial_out = output_shape[2:] if channels_first else output_shape[1:-1]
+        if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)):
+            # y is the input gradient of a convolution of y by the kernel (numerics §5)
+            sets.append(("", _times(cin, k), k * layer.filters, _prod(spatial_in)))
+        elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+            groups = getattr(layer, "groups", 1) or 1
+            fwd = None if cin is None else k * int(cin) // groups
+            sets.append(("", fwd, k * layer.filters // groups, _prod(spatial_out)))
+        else:  # depthwise: one input channel per group; separable: then a 1x1 conv
+            mult = layer.depth_multiplier
+            separable = not isinstance(layer, (keras.layers.DepthwiseConv1D,
+                                               keras.layers.DepthwiseConv2D))
+            per_example = _prod(spatial_out)
+            sets.append(("depthwise" if separable else "", k, k * mult, per_example))
+            if separable:
+                sets.append(("pointwise", _times(cin, mult), layer.filters, per_example))
     elif isinstance(layer, keras.layers.Dense):
         fwd = None if input_shape[-1] is None else int(input_shape[-1])
-        bwd = int(layer.units)
-        per_example = _prod(input_shape[1:-1])
+        sets.append(("", fwd, int(layer.units), _prod(input_shape[1:-1])))
     else:
-        raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not Dense/Conv2D")
-    grad = None if batch is None or per_example is None else int(batch) * per_example
-    return GemmLengths(layer.name, type(layer).__name__, input_shape, fwd, bwd, grad,
-                       per_example, getattr(layer, "policy", None))
+        raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not a Dense or "
+                        "convolution layer")
+    return [GemmLengths(layer.name, type(layer).__name__, input_shape, fwd, bwd,
+                        _times(batch, per_example), per_example,
+                        getattr(layer, "policy", None), gemm)
+            for gemm, fwd, bwd, per_example in sets]
 
 
 def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
@@ -228,7 +282,7 @@ def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
     ``batch_size``); ValueError where a dimension they need is unknown."""
     n = lengths(layer, input_shape, output_shape, batch_size)
     if None in (n.fwd, n.grad):
-        if isinstance(layer, keras.layers.Conv2D):
+        if not isinstance(layer, keras.layers.Dense):
             raise ValueError(f"layer {layer.name!r}: unknown spatial or channel size in "
                              f"{tuple(input_shape)} -> {tuple(output_shape)}")
         raise ValueError(f"layer {layer.name!r}: unknown dimension in input shape "
@@ -247,5 +301,5 @@ def gemm_lengths(model, batch_size: Optional[int] = None) -> List[GemmLengths]:
             rows.append(GemmLengths(layer.name, type(layer).__name__, (), None, None, None,
                                     None, layer.policy))
         for input_shape, output_shape in shapes:
-            rows.append(lengths(layer, input_shape, output_shape, batch_size))
+            rows.extend(gemm_rows(layer, input_shape, output_shape, batch_size))
     return rows

@@ -3,7 +3,9 @@
 ``AccumDense`` and ``AccumConv2D`` are drop-in versions of ``keras.layers.Dense`` and
 ``keras.layers.Conv2D`` (subclasses, so every feature and ``isinstance`` check of the
 originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
-and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`::
+and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`; ``AccumConv1D``,
+``AccumDepthwiseConv1D/2D``, ``AccumSeparableConv1D/2D`` and ``AccumConv1DTranspose/2DTranspose``
+do the same for the other Keras convolutions (``TWINS`` lists them all)::
 
     >>> import keras, tfaccum
     >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
@@ -17,6 +19,9 @@ layer           FWD ``y = x.w``             BWD ``dx``      GRAD ``dw``
 AccumDense      ``in_features``             ``units``       ``B`` x extra leading dims
 AccumConv2D     ``KH.KW.Cin/groups``        ``KH.KW.Cout/groups``   ``B.OH.OW``
 ==============  ==========================  ==============  ==========================
+
+The other convolutions' lengths are in :func:`tfaccum.inventory.gemm_rows` (and
+numerics.md section 5, which says how each maps onto the 2-D ops).
 
 Bias additions and activations are ordinary float32 (or the layer's compute dtype).
 Operands in another compute dtype (mixed precision) are cast to float32 for the GEMM and
@@ -62,10 +67,12 @@ import keras
 import tensorflow as tf
 
 from tfaccum.config import AccumPolicy
-from tfaccum.ops import accum_conv2d, accum_matmul
+from tfaccum.ops import accum_conv2d, accum_conv2d_transpose, accum_matmul
 from tfaccum.scope import PolicyLike, coerce_policy, register_twin
 
-__all__ = ["AccumDense", "AccumConv2D", "coerce_policy", "set_step_counter",
+__all__ = ["AccumDense", "AccumConv2D", "AccumConv1D", "AccumDepthwiseConv2D",
+           "AccumDepthwiseConv1D", "AccumSeparableConv2D", "AccumSeparableConv1D",
+           "AccumConv2DTranspose", "AccumConv1DTranspose", "coerce_policy", "set_step_counter",
            "StepCounterWarning", "TWINS"]
 
 
@@ -296,8 +303,202 @@ class AccumConv2D(_AccumMixin, keras.layers.Conv2D):
         return y if y.dtype == out_dtype else tf.cast(y, out_dtype)
 
 
+class _ConvTwin(_AccumMixin):
+    """``call`` of the convolution twins below: every GEMM runs on channels-last 2-D
+    images (a 1-D layer's sequence is a height-1 image, its kernel a height-1 kernel, so
+    each sum and its order are those of the 1-D convolution), then bias and activation
+    as Keras applies them. Subclasses define ``_gemms(x, step)`` on NHWC ``x``."""
+
+    def call(self, inputs, training=None):
+        x = self._as_float32(inputs)
+        spatial = list(range(1, self.rank + 1))
+        channels_first = self.data_format == "channels_first"
+        if channels_first:
+            x = tf.transpose(x, [0] + [d + 1 for d in spatial] + [1])
+        if self.rank == 1:
+            x = tf.expand_dims(x, 1)
+        y = self._gemms(x, self._current_step(training))
+        if self.rank == 1:
+            y = tf.squeeze(y, 1)
+        if y.dtype != self.compute_dtype:
+            y = tf.cast(y, self.compute_dtype)
+        if self.use_bias:  # elementwise: adding before the transpose back is the same sum
+            y = keras.ops.add(y, self.bias)
+        if channels_first:
+            y = tf.transpose(y, [0, self.rank + 1] + spatial)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def _2d(self, value) -> tuple:
+        """A per-axis setting of the layer for the 2-D op (height 1 for a 1-D layer)."""
+        value = tuple(int(v) for v in value)
+        return (1,) + value if self.rank == 1 else value
+
+    def _kernel_2d(self, kernel):
+        kernel = self._as_float32(kernel)
+        return tf.expand_dims(kernel, 0) if self.rank == 1 else kernel
+
+    def _depthwise(self, x, kernel, step):
+        """The depthwise convolution of NHWC ``x`` by ``kernel`` ``[KH, KW, Cin, M]``: a
+        grouped convolution with ``Cin`` groups of one input channel, kernel
+        ``[KH, KW, 1, Cin*M]``. The reshape puts multiplier ``m`` of channel ``c`` at
+        output channel ``c*M + m``, which is where Keras (``tf.nn.depthwise_conv2d``)
+        puts it, and that is the one input channel group ``c`` reads."""
+        k = self._kernel_2d(kernel)
+        kh, kw, cin, mult = k.shape
+        w = tf.reshape(k, [kh, kw, 1, cin * mult])
+        return accum_conv2d(x, w, self._accum_policy, strides=self._2d(self.strides),
+                            padding=self.padding.upper(),
+                            dilations=self._2d(self.dilation_rate), step=step)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumConv1D(_ConvTwin, keras.layers.Conv1D):
+    """``keras.layers.Conv1D`` (all paddings, ``"causal"`` included, strides, dilation,
+    groups, both data formats) through ``tfaccum.accum_conv2d`` as a height-1 image.
+
+    FWD sums ``K*Cin/groups`` products per output, BWD ``K*filters/groups``, GRAD
+    ``B*OW``. Causal padding is ``dilation*(K-1)`` zeros on the left, as Keras pads.
+    """
+
+    def __init__(self, filters, kernel_size, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(filters, kernel_size, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def _gemms(self, x, step):
+        if self.padding == "causal":
+            padding = [(0, 0), (self.dilation_rate[0] * (self.kernel_size[0] - 1), 0)]
+        else:
+            padding = self.padding.upper()
+        return accum_conv2d(x, self._kernel_2d(self.kernel), self._accum_policy,
+                            strides=self._2d(self.strides), padding=padding,
+                            dilations=self._2d(self.dilation_rate), step=step)
+
+
+class _AccumDepthwise(_ConvTwin):
+    """FWD sums ``K`` products per output (``KH*KW`` in 2-D), BWD ``K*depth_multiplier``,
+    GRAD ``B`` times the output's spatial size."""
+
+    def __init__(self, kernel_size, *args, policy: Optional[PolicyLike] = None, **kwargs):
+        super().__init__(kernel_size, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def _gemms(self, x, step):
+        return self._depthwise(x, self.kernel, step)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumDepthwiseConv2D(_AccumDepthwise, keras.layers.DepthwiseConv2D):
+    __doc__ = ("``keras.layers.DepthwiseConv2D`` as a grouped ``tfaccum.accum_conv2d`` "
+               "(one group per input channel). " + _AccumDepthwise.__doc__)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumDepthwiseConv1D(_AccumDepthwise, keras.layers.DepthwiseConv1D):
+    __doc__ = ("``keras.layers.DepthwiseConv1D`` as a grouped ``tfaccum.accum_conv2d`` "
+               "on a height-1 image. " + _AccumDepthwise.__doc__)
+
+
+class _AccumSeparable(_ConvTwin):
+    """Two GEMM sets under the one policy: the depthwise convolution (FWD ``K``, BWD
+    ``K*depth_multiplier``, GRAD ``B*OH*OW``), then the pointwise 1x1 convolution of its
+    float32 output (FWD ``Cin*depth_multiplier``, BWD ``filters``, GRAD ``B*OH*OW``), as
+    Keras computes it. Both draw in the layer's step, each at its own output's indices."""
+
+    def __init__(self, filters, kernel_size, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(filters, kernel_size, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def _gemms(self, x, step):
+        z = self._depthwise(x, self.depthwise_kernel, step)
+        return accum_conv2d(z, self._kernel_2d(self.pointwise_kernel), self._accum_policy,
+                            strides=1, padding="VALID", step=step)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumSeparableConv2D(_AccumSeparable, keras.layers.SeparableConv2D):
+    __doc__ = "``keras.layers.SeparableConv2D`` through tfaccum. " + _AccumSeparable.__doc__
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumSeparableConv1D(_AccumSeparable, keras.layers.SeparableConv1D):
+    __doc__ = "``keras.layers.SeparableConv1D`` through tfaccum. " + _AccumSeparable.__doc__
+
+
+class _AccumTranspose(_ConvTwin):
+    """The transposed convolution through ``tfaccum.accum_conv2d_transpose`` (the input
+    gradient op of a convolution), with Keras' output size (``"valid"``/``"same"``,
+    ``output_padding``, strides, dilation). FWD sums ``K*Cin`` products per output (``K``
+    the kernel's size), BWD (a forward convolution of ``dy``) ``K*filters``, GRAD
+    ``B`` times the *input's* spatial size."""
+
+    def __init__(self, filters, kernel_size, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(filters, kernel_size, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def _gemms(self, x, step):
+        from keras.src.backend.common.backend_utils import (
+            compute_conv_transpose_output_shape)
+
+        strides, dilations = self._2d(self.strides), self._2d(self.dilation_rate)
+        kernel_size = self._2d(self.kernel_size)
+        output_padding = self.output_padding
+        if output_padding is not None and self.rank == 1:
+            output_padding = (0,) + tuple(output_padding)  # height 1 stays 1
+        # Keras' own output size (its TensorFlow backend computes it so), on the static
+        # dims where known and the dynamic ones elsewhere.
+        dynamic = tf.shape(x, out_type=tf.int64)
+        dims = [d if d is not None else dynamic[i] for i, d in enumerate(x.shape)]
+        shape = compute_conv_transpose_output_shape(
+            dims, kernel_size, self.filters, strides, self.padding, output_padding,
+            "channels_last", dilations)
+        for axis in (1, 2):
+            size, out = x.shape[axis], shape[axis]
+            if size is not None and isinstance(out, int):
+                k = (kernel_size[axis - 1] - 1) * dilations[axis - 1] + 1
+                s = strides[axis - 1]
+                back = -(-out // s) if self.padding == "same" else (out - k) // s + 1
+                if back != size:  # the convolution of the output must give the input
+                    raise ValueError(
+                        f"{type(self).__name__} {self.name!r}: output_padding="
+                        f"{self.output_padding} gives an output of size {out} on spatial "
+                        f"axis {axis - (self.rank == 1)}, whose {self.padding!r} "
+                        f"convolution has size {back}, not the input's {size}")
+        sizes = tf.stack([tf.cast(d, tf.int64) for d in shape])
+        y = accum_conv2d_transpose(x, self._kernel_2d(self.kernel), sizes, self._accum_policy,
+                                   strides=strides, padding=self.padding.upper(),
+                                   dilations=dilations, step=step)
+        y.set_shape([d if isinstance(d, int) else None for d in shape])
+        return y
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumConv2DTranspose(_AccumTranspose, keras.layers.Conv2DTranspose):
+    __doc__ = "``keras.layers.Conv2DTranspose`` through tfaccum. " + _AccumTranspose.__doc__
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumConv1DTranspose(_AccumTranspose, keras.layers.Conv1DTranspose):
+    __doc__ = ("``keras.layers.Conv1DTranspose`` through tfaccum (a height-1 image). "
+               + _AccumTranspose.__doc__)
+
+
 #: The exact Keras class each tfaccum layer stands in for.
-TWINS = {keras.layers.Dense: AccumDense, keras.layers.Conv2D: AccumConv2D}
+TWINS = {
+    keras.layers.Dense: AccumDense,
+    keras.layers.Conv2D: AccumConv2D,
+    keras.layers.Conv1D: AccumConv1D,
+    keras.layers.DepthwiseConv2D: AccumDepthwiseConv2D,
+    keras.layers.DepthwiseConv1D: AccumDepthwiseConv1D,
+    keras.layers.SeparableConv2D: AccumSeparableConv2D,
+    keras.layers.SeparableConv1D: AccumSeparableConv1D,
+    keras.layers.Conv2DTranspose: AccumConv2DTranspose,
+    keras.layers.Conv1DTranspose: AccumConv1DTranspose,
+}
 for _base, _twin in TWINS.items():  # what tfaccum.accumulation_scope constructs instead
     register_twin(_base, _twin)
 del _base, _twin

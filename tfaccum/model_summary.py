@@ -64,7 +64,7 @@ def summary(model, batch_size: Optional[int] = None, *, print_fn=print) -> str:
     header = ("Layer (type)", "Input shape", "GEMM", "Length", "Accumulation")
     table = []
     for row in rows:
-        label = f"{row.layer} ({row.kind})"
+        label = f"{row.layer} ({row.kind}{', ' + row.gemm if row.gemm else ''})"
         shape = _fmt_shape(row.input_shape)
         gemms = (("FWD", row.fwd, None, row.policy.fwd), ("BWD", row.bwd, None, row.policy.bwd),
                  ("GRAD", row.grad, row.grad_per_example, row.policy.grad))

@@ -139,6 +139,8 @@ __all__ = [
     "matmul",
     "matmul_grads",
     "conv2d",
+    "conv2d_transpose",
+    "conv2d_transpose_grads",
     "conv2d_backprop_input",
     "conv2d_backprop_filter",
     "conv2d_grads",
@@ -750,4 +752,39 @@ def conv2d_grads(x, w, dy, policy, strides=(1, 1), padding="SAME",
     x32, w32 = _as_f32(x), _as_f32(w)
     dx = conv2d_backprop_input(x32.shape, w32, dy, policy, strides, padding, dilations, step)
     dw = conv2d_backprop_filter(x32, w32.shape, dy, policy, strides, padding, dilations, step)
+    return dx, dw
+
+
+# -------------------------------------------------------------------------------------
+# Transposed convolution (numerics §5): the input gradient of a convolution, as forward
+# -------------------------------------------------------------------------------------
+def conv2d_transpose(x, w, output_shape, policy, strides=(1, 1), padding="SAME",
+                     dilations=(1, 1), step: int = 0) -> np.ndarray:
+    """``tf.nn.conv2d_transpose(x, w, output_shape)``: ``w`` is ``[KH,KW,Cout,Cin]``, x
+    ``[B,H,W,Cin]``; the convolution of an ``output_shape`` input by w has x's shape.
+
+    ``y[b,oy,ox,co] = sum_{ky,kx,ci} w[ky,kx,co,ci] · x[b, iy, ix, ci]`` over ``(ky, kx,
+    ci)`` row-major, with ``iy = (oy + pad_top - ky·dy) / sy`` (likewise ``ix``); a tap
+    whose ``iy``/``ix`` is not an integer inside x is an exact +0 tap. That is
+    :func:`conv2d_backprop_input` with x as ``dy``, here under ``policy.fwd`` (an
+    AccumConfig: used as is) with x, w rounded to ``policy.operands`` first.
+    """
+    config, operands = _split_policy(policy, "fwd")
+    return conv2d_backprop_input(output_shape, w, x,
+                                 AccumPolicy(bwd=config, operands=operands),
+                                 strides, padding, dilations, step)
+
+
+def conv2d_transpose_grads(x, w, dy, policy, strides=(1, 1), padding="SAME",
+                           dilations=(1, 1), step: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """``(dx, dw)`` of :func:`conv2d_transpose` for the upstream gradient ``dy``
+    (``output_shape``): ``dx = conv2d(dy, w)`` under ``policy.bwd`` (each ``dx[b,iy,ix,ci]``
+    sums ``(ky, kx, co)`` of ``dy`` at the forward taps), ``dw = conv2d_backprop_filter(dy,
+    w.shape, x)`` under ``policy.grad`` (each ``dw[ky,kx,co,ci]`` sums ``(b, iy, ix)`` over
+    x's image). With ``policy.operands`` each GEMM's inputs are rounded to it first."""
+    policy = _as_policy(policy)
+    dy32, w32 = _as_f32(dy), _as_f32(w)
+    dx = conv2d(dy32, w32, AccumPolicy(fwd=policy.bwd, operands=policy.operands), strides,
+                padding, dilations, step)
+    dw = conv2d_backprop_filter(dy32, w32.shape, x, policy, strides, padding, dilations, step)
     return dx, dw

@@ -34,16 +34,16 @@ __all__ = ["GemmProbe", "GemmErrors", "accum_twin_class", "falls_short"]
 
 
 def accum_twin_class(layer) -> type:
-    """The tfaccum class that computes ``layer``'s GEMMs (AccumDense/AccumConv2D)."""
-    import keras
+    """The tfaccum class that computes ``layer``'s GEMMs (``AccumDense``, ``AccumConv2D``,
+    ...: a layer of :data:`tfaccum.inventory.SINGLE_GEMM`, or a subclass of one)."""
+    from tfaccum.inventory import SINGLE_GEMM
+    from tfaccum.layers import TWINS
 
-    from tfaccum.layers import AccumConv2D, AccumDense
-
-    if isinstance(layer, keras.layers.Conv2D):
-        return AccumConv2D
-    if isinstance(layer, keras.layers.Dense):
-        return AccumDense
-    raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not Dense/Conv2D")
+    for base, twin in TWINS.items():
+        if isinstance(layer, base) and issubclass(base, SINGLE_GEMM):
+            return twin
+    raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not a layer of one "
+                    "GEMM set (Dense, or a 1-D/2-D, depthwise or transposed convolution)")
 
 
 @dataclasses.dataclass
@@ -119,8 +119,9 @@ class GemmErrors:
 
 
 class GemmProbe:
-    """The bare GEMMs of one Dense/Conv2D layer (no bias, no activation), emulated under a
-    policy and exact, on the layer's current kernel.
+    """The bare GEMMs (no bias, no activation) of one layer of one GEMM set (Dense, a
+    1-D/2-D, depthwise or transposed convolution), emulated under a policy and exact, on
+    the layer's current kernel.
 
     ``layer`` may be a native Keras layer or a tfaccum layer. The exact twin rounds the
     operands as ``policy`` does and accumulates in float32 (``AccumPolicy(operands=...)``).
@@ -130,9 +131,11 @@ class GemmProbe:
         self.layer = layer
         cls = accum_twin_class(layer)
         config = {k: v for k, v in layer.get_config().items() if k != "policy"}
-        config.update(use_bias=False, activation="linear", kernel_regularizer=None,
-                      bias_regularizer=None, activity_regularizer=None,
-                      kernel_constraint=None, bias_constraint=None)
+        # Only the bare GEMM: no bias, activation, regularizer or constraint (whose keys
+        # differ by class: kernel_..., depthwise_...).
+        config.update({k: None for k in config
+                       if k.endswith(("_regularizer", "_constraint"))})
+        config.update(use_bias=False, activation="linear")
         self.emulated = cls.from_config({**config, "name": f"{layer.name}_probe_emulated",
                                          "policy": policy.to_dict()})
         self.exact = cls.from_config({**config, "name": f"{layer.name}_probe_exact",

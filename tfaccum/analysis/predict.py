@@ -183,6 +183,35 @@ def _conv_gemms(layer, x, w, dz, tf):
     return outs
 
 
+def _keras_conv_gemms(layer, x, w, dz, tf):
+    """The FWD, BWD and GRAD outputs of the GEMMs of a 1-D, depthwise or transposed
+    convolution on (x, w, dz): its Keras convolution (bilinear in x and w, so its
+    gradients are the other two GEMMs), in the layer's own data format."""
+    import keras
+
+    def conv(x, w):
+        settings = dict(strides=layer.strides, dilation_rate=layer.dilation_rate,
+                        data_format=layer.data_format)
+        if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+            return keras.ops.depthwise_conv(x, w, padding=layer.padding, **settings)
+        if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)):
+            return keras.ops.conv_transpose(x, w, padding=layer.padding,
+                                            output_padding=layer.output_padding, **settings)
+        if layer.padding == "causal":  # Conv1D: zeros on the left, as the layer pads
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            pads = [[0, 0], [left, 0], [0, 0]] if layer.data_format == "channels_last" \
+                else [[0, 0], [0, 0], [left, 0]]
+            return keras.ops.conv(keras.ops.pad(x, pads), w, padding="valid", **settings)
+        return keras.ops.conv(x, w, padding=layer.padding, **settings)
+
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        y = conv(x, w)
+        total = tf.reduce_sum(y * dz)
+    gx, gw = tape.gradient(total, [x, w])
+    return {"fwd": [y], "bwd": [gx], "grad": [gw]}
+
+
 def _dense_gemms(layer, x, w, dz, tf):
     x = tf.reshape(x, [-1, x.shape[-1]])
     dz = tf.reshape(dz, [-1, layer.units])
@@ -202,7 +231,12 @@ def _gemm_moments(layer, x, dz, tf, keras) -> Dict[str, List[float]]:
     the operands' indicators, values and squares give, per output, the number of non-zero
     products, their sum (the output) and the sum of their squares.
     """
-    gemms = _conv_gemms if isinstance(layer, keras.layers.Conv2D) else _dense_gemms
+    if isinstance(layer, keras.layers.Conv2D):
+        gemms = _conv_gemms
+    elif isinstance(layer, keras.layers.Dense):
+        gemms = _dense_gemms
+    else:
+        gemms = _keras_conv_gemms
     x = tf.cast(x, tf.float32)
     dz = tf.cast(dz, tf.float32)
     w = tf.cast(layer.kernel, tf.float32)
@@ -263,7 +297,7 @@ def _loss_value(outputs, y, loss, tf):
 def measure_statistics(model, data=None, *, batch_size: int = 32, max_batches: int = 4,
                        loss: Optional[Callable] = None, training: bool = True,
                        seed: int = 0, keep_first_batch: bool = False) -> "Statistics":
-    """Measure, per Dense/Conv2D layer and GEMM, what the analysis assumes.
+    """Measure, per GEMM layer (inventory.gemm_layers) and GEMM, what the analysis assumes.
 
     Real batches go through the model under a ``GradientTape``; for each layer's input
     ``x``, kernel ``w`` and error ``dz`` at its pre-activation output, and for each of its
@@ -302,7 +336,7 @@ def measure_statistics(model, data=None, *, batch_size: int = 32, max_batches: i
 
     layers = gemm_layers(model)
     if not layers:
-        raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
+        raise ValueError(f"model {model.name!r} has no Dense or convolution layer")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
@@ -552,7 +586,7 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     product = None if product is None else as_format(product)
     layers = gemm_layers(model)
     if not layers:
-        raise ValueError(f"model {model.name!r} has no Dense or Conv2D layer")
+        raise ValueError(f"model {model.name!r} has no Dense or convolution layer")
 
     stats: Optional[Statistics] = None
     measured_shapes: Dict[str, list] = {}

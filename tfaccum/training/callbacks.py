@@ -203,7 +203,9 @@ class AccumHealth(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.loss_scale = loss_scale
         self.predicted = predicted or {}
-        self.layers = [layer for layer in emulated_layers(model) if self._single_use(layer)]
+        # The probe measures layers of one GEMM set (not the separable convolutions).
+        self.layers = [layer for layer in emulated_layers(model)
+                       if isinstance(layer, inventory.SINGLE_GEMM) and self._single_use(layer)]
         self.last: Dict[str, Dict[str, Dict[str, float]]] = {}
         self.last_step: Optional[int] = None
         # Over every probe of this process: {layer: {gemm: {predicted, last, min, probes,

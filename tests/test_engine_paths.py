@@ -219,3 +219,23 @@ def test_set_path_errors_are_clear():
     if state.supported_isa != "avx512":
         with pytest.raises(ValueError, match="this processor runs"):
             engine.set_path("avx512")
+
+
+@pytest.mark.parametrize("special", [np.inf, np.nan])
+def test_conv_checks_its_whole_input_once(engine_path, special):
+    """Convolutions give the engine their input tensor to check for the lanes once (not
+    every gathered panel): one special value anywhere sends the whole pass to binary64,
+    with the same bits."""
+    rng = np.random.default_rng(6)
+    x = narrow_operands(rng, (2, 6, 6, 3), E5M2, 2)
+    w = narrow_operands(rng, (3, 3, 3, 20), E5M2, 2)
+    config = AccumConfig(accumulator=FloatFormat(6, 5))
+    with Counted() as clean:
+        y = tfaccum.accum_conv2d(x, w, config)
+    assert_bit_equal(y, reference.conv2d(x, w, AccumPolicy.uniform(config)))
+    assert (clean.tiles32 > 0) == engine_path.float32_lanes
+    x[1, 5, 5, 2] = special  # a corner: only the last panels gather it
+    with Counted() as dirty:
+        y = tfaccum.accum_conv2d(x, w, config)
+    assert_bit_equal(y, reference.conv2d(x, w, AccumPolicy.uniform(config)))
+    assert dirty.tiles32 == 0

@@ -365,7 +365,7 @@ bool SetEnginePath(int isa, bool float32_lanes) {
 bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
-                    const EngineContext& context) {
+                    const EngineContext& context, const OperandValues& a_values) {
   if (M <= 0 || N <= 0) return true;
   if (K <= 0) {
     // Every sum is empty: +0 (numerics.md §3), whatever the formats and the rounding.
@@ -402,7 +402,8 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   }
 
   // The binary32 lanes (rounding_f32.h): the rounding and formats qualify for the whole
-  // call (P2, P3); B's values are checked once here, each A panel's with its tile.
+  // call (P2, P3); B's values are checked once here, A's too when the caller gives
+  // a_values, else each A panel's with its tile.
   const bool chunked = params.chunk_size > 0;
   TileJob32 job32_template{};
   job32_template.params = &params;
@@ -413,14 +414,27 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                  !params.flushes_subnormals && job32_template.accumulator.usable &&
                  (!params.has_product || job32_template.product.usable) &&
                  (!chunked || job32_template.chunk_accumulator.usable);
-  OperandStats b_stats;
-  if (float32) {
+  // The statistics of n values, read in parallel.
+  auto stats_of = [&](const float* values, int64_t n) {
+    constexpr int64_t kBlock = 1 << 14;
     std::vector<OperandStats> parts(static_cast<size_t>(std::max(1, context.workers)));
-    context.parallel_for(K, N, [&](int64_t k_begin, int64_t k_end, int worker) {
-      parts[worker].Merge(path.operand_stats(b_rows + k_begin * ldb, (k_end - k_begin) * ldb));
+    context.parallel_for((n + kBlock - 1) / kBlock, kBlock, [&](int64_t begin, int64_t end,
+                                                                int worker) {
+      const int64_t first = begin * kBlock, last = std::min(n, end * kBlock);
+      parts[worker].Merge(path.operand_stats(values + first, last - first));
     });
-    for (const OperandStats& part : parts) b_stats.Merge(part);
+    OperandStats stats;
+    for (const OperandStats& part : parts) stats.Merge(part);
+    return stats;
+  };
+  OperandStats b_stats;
+  // With a_values, A's check is made here once for every panel.
+  const bool a_checked_once = a_values.data != nullptr;
+  if (float32) {
+    b_stats = stats_of(b_rows, K * N);
     float32 = b_stats.Finite() && (b_stats.AllZero() || b_stats.min_field > 0);
+    if (float32 && a_checked_once)
+      float32 = ProductsExactInFloat32(stats_of(a_values.data, a_values.count), b_stats);
   }
 
   // One A panel per worker that runs (at most one per row tile), handed out on first use.
@@ -517,7 +531,10 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       };
 
       bool tile32 = false;
-      if (float32) tile32 = ProductsExactInFloat32(path.operand_stats(panel, rows * K), b_stats);
+      if (float32) {
+        tile32 = a_checked_once ||
+                 ProductsExactInFloat32(path.operand_stats(panel, rows * K), b_stats);
+      }
       if (tile32 && N <= kLanesF32) {
         // One vector of columns: tiles of 8 rows, enough independent sums to hide the
         // latency of each rounding (16 would spill registers).

@@ -47,10 +47,18 @@ struct EngineContext {
 // Scratch: B as float32 (K * N values, none when b is already float32 rows of a whole
 // number of tiles) and one A panel of min(M, kMaxPanelRows) x K float32 values per
 // worker that runs.
+//
+// `a_values`, when given, holds every value the gatherer can write besides zeros (the
+// tensor it gathers from): the binary32 lanes' operand check then reads it once instead
+// of every panel, which for convolutions repeats each value KH * KW times.
+struct OperandValues {
+  const float* data = nullptr;
+  int64_t count = 0;
+};
 bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
                     const RowGather& gather_a, const float* b, int64_t b_stride_k,
                     int64_t b_stride_n, float* c, uint64_t element_offset,
-                    const EngineContext& context);
+                    const EngineContext& context, const OperandValues& a_values = {});
 
 // Which code the engine runs (gemm_engine.cc): an instruction-set path, and whether the
 // binary32 lanes may be used where their preconditions hold (rounding_f32.h). Every

@@ -45,7 +45,8 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
   // B(k = (ky, kx, ci), co) is the filter in its own layout.
   CpuEngine engine(ctx);
   if (!AccumulateGemm(params, M, N, K, gather, w.flat<float>().data(), N, 1,
-                      y->flat<float>().data(), 0, engine.context()))
+                      y->flat<float>().data(), 0, engine.context(),
+                      OperandValues{xd, x.NumElements()}))
     return engine.failure();
   return absl::OkStatus();
 }
@@ -98,7 +99,7 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
     }
   };
   if (!AccumulateGemm(params, M, N, K, gather, w_swapped, N, 1, dx->flat<float>().data(), 0,
-                      engine.context()))
+                      engine.context(), OperandValues{dyd, dy.NumElements()}))
     return engine.failure();
   return absl::OkStatus();
 }
@@ -153,7 +154,8 @@ absl::Status LaunchConv2DBackpropFilter<CpuDevice>(OpKernelContext* ctx,
   // B(k = (b, oy, ox), co) is out_backprop in its own layout.
   CpuEngine engine(ctx);
   if (!AccumulateGemm(params, M, N, K, gather, dy.flat<float>().data(), N, 1,
-                      dw->flat<float>().data(), 0, engine.context()))
+                      dw->flat<float>().data(), 0, engine.context(),
+                      OperandValues{xd, x.NumElements()}))
     return engine.failure();
   return absl::OkStatus();
 }

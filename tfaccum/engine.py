@@ -96,7 +96,3 @@ def path(isa: Optional[str] = None, float32_lanes: Optional[bool] = None) -> Ite
     finally:
         set_path(before.isa, before.float32_lanes)
 
-
-def all_paths() -> Tuple[Tuple[str, bool], ...]:
-    """Every (isa, float32_lanes) pair this processor runs."""
-    return tuple((isa, lanes) for isa in current().supported_isas for lanes in (False, True))

@@ -179,6 +179,8 @@ struct OperandStats {
     fraction_bits |= other.fraction_bits;
   }
   bool Finite() const { return max_field < 255; }
+  // No NaN, Inf or binary32 subnormal: the only values the lanes' rule P1 admits.
+  bool Admissible() const { return Finite() && (AllZero() || min_field > 0); }
   bool AllZero() const { return min_field == 256; }
   // Significant bits of the widest significand; exponent of the lowest set bit of any
   // value (a lower bound); exponent of the largest value.
@@ -331,9 +333,8 @@ void Count(EngineCounter counter, int64_t n = 1) {
 // binary32: at most 24 significant bits, no bit below 2^-149, below 2^128. NaN, Inf and
 // subnormal operands take the binary64 path.
 bool ProductsExactInFloat32(const OperandStats& a, const OperandStats& b) {
-  if (!a.Finite() || !b.Finite()) return false;
+  if (!a.Admissible() || !b.Admissible()) return false;
   if (a.AllZero() || b.AllZero()) return true;
-  if (a.min_field == 0 || b.min_field == 0) return false;
   return a.SignificantBits() + b.SignificantBits() <= 24 &&
          a.LowestBit() + b.LowestBit() >= -149 && a.Top() + b.Top() <= 126;
 }
@@ -432,7 +433,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   const bool a_checked_once = a_values.data != nullptr;
   if (float32) {
     b_stats = stats_of(b_rows, K * N);
-    float32 = b_stats.Finite() && (b_stats.AllZero() || b_stats.min_field > 0);
+    float32 = b_stats.Admissible();  // else no panel can qualify: skip their checks
     if (float32 && a_checked_once)
       float32 = ProductsExactInFloat32(stats_of(a_values.data, a_values.count), b_stats);
   }

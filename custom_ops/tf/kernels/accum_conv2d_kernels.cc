@@ -15,6 +15,16 @@ using ::tensorflow::DEVICE_CPU;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 
+// One tap of a gathered row: `channels` values from src, or exact zeros where the tap
+// falls outside the tensor (src null). The engine's panels arrive uninitialized.
+inline void CopyTap(float* out, const float* src, int64_t channels) {
+  if (src == nullptr) {
+    std::fill(out, out + channels, 0.0f);
+  } else {
+    std::copy(src, src + channels, out);
+  }
+}
+
 // y[b, oy, ox, co] = sum over (ky, kx, ci) of x-tap * w[ky, kx, ci, co].
 template <>
 absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& params,
@@ -32,12 +42,9 @@ absl::Status LaunchConv2D<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
         const int64_t iy = g.input_row(oy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.in_c) {
           const int64_t ix = g.input_col(ox, kx);
-          if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) {  // exact zeros
-            std::fill(out, out + g.in_c, 0.0f);
-            continue;
-          }
-          const float* src = xd + ((b * g.in_h + iy) * g.in_w + ix) * g.in_c;
-          for (int64_t ci = 0; ci < g.in_c; ++ci) out[ci] = src[ci];
+          const bool inside = iy >= 0 && iy < g.in_h && ix >= 0 && ix < g.in_w;
+          CopyTap(out, inside ? xd + ((b * g.in_h + iy) * g.in_w + ix) * g.in_c : nullptr,
+                  g.in_c);
         }
       }
     }
@@ -88,12 +95,9 @@ absl::Status LaunchConv2DBackpropInput<CpuDevice>(OpKernelContext* ctx,
         const int64_t oy = g.output_row(iy, ky);
         for (int64_t kx = 0; kx < g.k_w; ++kx, out += g.out_c) {
           const int64_t ox = g.output_col(ix, kx);
-          if (oy < 0 || ox < 0) {  // exact zeros
-            std::fill(out, out + g.out_c, 0.0f);
-            continue;
-          }
-          const float* src = dyd + ((b * g.out_h + oy) * g.out_w + ox) * g.out_c;
-          for (int64_t co = 0; co < g.out_c; ++co) out[co] = src[co];
+          const bool inside = oy >= 0 && ox >= 0;  // else an exact zero tap
+          CopyTap(out, inside ? dyd + ((b * g.out_h + oy) * g.out_w + ox) * g.out_c : nullptr,
+                  g.out_c);
         }
       }
     }

@@ -27,6 +27,7 @@ from tfaccum.config import (  # noqa: F401
     AccumConfig,
     AccumPolicy,
     FloatFormat,
+    FusedAdder,
     as_format,
     as_policy,
 )

@@ -189,6 +189,73 @@ def as_format(value: Union[FloatFormat, str, Mapping, tuple]) -> FloatFormat:
     raise TypeError(f"expected a FloatFormat, got {type(value).__name__} {value!r}")
 
 
+FUSED_OUTPUT_ROUNDINGS = ("toward_zero", "nearest_even")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAdder:
+    """A multi-term fused adder, the accumulation order of tensor cores (numerics.md §7).
+
+    The GEMM's running sum ``D`` (in the config's ``accumulator`` format) and the next
+    ``terms`` exact products are added by one adder: every term is aligned to the largest
+    term exponent, truncated toward zero ``fraction_bits`` bits below it, the truncated
+    terms are added exactly, and the sum is rounded once to the accumulator format with
+    ``output_rounding``.
+
+    Args:
+      terms: ``L``, products per block, 1..64.
+      fraction_bits: ``F``, bits kept below the largest exponent, 1..40.
+      zero_exponent: the exponent a zero term (zero product or zero ``D``) takes in the
+        maximum, -512..512.
+      operand_emin: the operands' smallest normal exponent; an operand below ``2**operand_emin``
+        counts with exponent ``operand_emin`` (a subnormal of its format), -149..0.
+      output_rounding: ``"toward_zero"`` or ``"nearest_even"``.
+      hardware: a label naming the hardware this adder models (shown by ``summary()`` and
+        TensorBoard); it does not change the arithmetic.
+    """
+
+    terms: int
+    fraction_bits: int
+    zero_exponent: int
+    operand_emin: int = -126
+    output_rounding: str = "toward_zero"
+    hardware: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "terms", _check_int("terms", self.terms, 1, 64))
+        object.__setattr__(self, "fraction_bits",
+                           _check_int("fraction_bits", self.fraction_bits, 1, 40))
+        object.__setattr__(self, "zero_exponent",
+                           _check_int("zero_exponent", self.zero_exponent, -512, 512))
+        object.__setattr__(self, "operand_emin",
+                           _check_int("operand_emin", self.operand_emin, -149, 0))
+        _check_choice("output_rounding", self.output_rounding, FUSED_OUTPUT_ROUNDINGS)
+        if not isinstance(self.hardware, str):
+            raise TypeError(f"hardware must be a str, got {type(self.hardware).__name__}")
+
+    def __repr__(self) -> str:
+        label = f"{self.hardware}: " if self.hardware else ""
+        return (f"{label}fused {self.terms}-term adder F={self.fraction_bits}, "
+                f"{_ROUNDING_PRETTY[self.output_rounding]}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FusedAdder":
+        if isinstance(d, FusedAdder):
+            return d
+        if not isinstance(d, Mapping):
+            raise TypeError(f"FusedAdder.from_dict expects a mapping, got {type(d).__name__}")
+        return cls(**dict(d))
+
+    def kernel_attr(self) -> list:
+        """The ``fused`` op attribute: [terms, fraction_bits, zero_exponent, operand_emin,
+        output_rounding (0: nearest-even, 1: toward zero)]."""
+        return [self.terms, self.fraction_bits, self.zero_exponent, self.operand_emin,
+                int(self.output_rounding == "toward_zero")]
+
+
 @dataclasses.dataclass(frozen=True)
 class AccumConfig:
     """How one GEMM accumulates its dot products (numerics.md section 3).
@@ -203,6 +270,10 @@ class AccumConfig:
       rounding: ``"nearest_even"``, ``"toward_zero"`` or ``"stochastic"``; applies to
         every rounding of this GEMM (products, partial sums, chunk sums).
       seed: key of the counter-based generator used by stochastic rounding.
+      fused: a FusedAdder: sum each chunk (or the whole dot product) in blocks of
+        ``fused.terms`` products with that adder instead of one rounding per addition
+        (numerics.md §7). ``rounding`` then applies to the chunk sums only. Requires
+        exact products.
     """
 
     accumulator: FloatFormat = BINARY32
@@ -211,6 +282,7 @@ class AccumConfig:
     chunk_accumulator: Optional[FloatFormat] = None
     rounding: str = "nearest_even"
     seed: int = 0
+    fused: Optional[FusedAdder] = None
 
     def __post_init__(self):
         object.__setattr__(self, "accumulator", as_format(self.accumulator))
@@ -222,6 +294,14 @@ class AccumConfig:
                            _check_int("chunk_size", self.chunk_size, 0, 2 ** 31 - 1))
         _check_choice("rounding", self.rounding, ROUNDING_MODES)
         object.__setattr__(self, "seed", _check_int("seed", self.seed, _INT64_MIN, _INT64_MAX))
+        if isinstance(self.fused, Mapping):
+            object.__setattr__(self, "fused", FusedAdder.from_dict(self.fused))
+        if self.fused is not None:
+            if not isinstance(self.fused, FusedAdder):
+                raise TypeError(f"fused must be a FusedAdder, got {type(self.fused).__name__}")
+            if self.product is not None:
+                raise ValueError("a fused adder takes exact products: product must be None, "
+                                 f"got {self.product!r}")
 
     @property
     def effective_chunk_accumulator(self) -> FloatFormat:
@@ -231,7 +311,7 @@ class AccumConfig:
     def is_exact_float32(self) -> bool:
         """True when this config computes the fused (fmaf) float32 dot product."""
         return (self.accumulator == BINARY32 and self.product is None and self.chunk_size == 0
-                and self.rounding == "nearest_even")
+                and self.rounding == "nearest_even" and self.fused is None)
 
     def replace(self, **changes) -> "AccumConfig":
         return dataclasses.replace(self, **changes)
@@ -239,14 +319,17 @@ class AccumConfig:
     def __repr__(self) -> str:
         parts = [repr(self.accumulator)]
         parts.append("exact products" if self.product is None else f"products {self.product!r}")
+        if self.fused is not None:
+            parts.append(repr(self.fused))
         if self.chunk_size:
             chunk = f"chunk {self.chunk_size}"
             if self.chunk_accumulator is not None and self.chunk_accumulator != self.accumulator:
                 chunk += f" into {self.chunk_accumulator!r}"
             parts.append(chunk)
         else:
-            parts.append("sequential")
-        parts.append(_ROUNDING_PRETTY[self.rounding])
+            parts.append("sequential" if self.fused is None else "no promotion")
+        if self.fused is None or self.chunk_size:
+            parts.append(_ROUNDING_PRETTY[self.rounding])
         if self.rounding == "stochastic":
             parts.append(f"seed {self.seed}")
         return f"AccumConfig({', '.join(parts)})"
@@ -260,6 +343,7 @@ class AccumConfig:
                                   else self.chunk_accumulator.to_dict()),
             "rounding": self.rounding,
             "seed": self.seed,
+            "fused": None if self.fused is None else self.fused.to_dict(),
         }
 
     @classmethod
@@ -275,7 +359,7 @@ class AccumConfig:
 
     def kernel_attrs(self) -> dict:
         """The attributes every accumulation op takes (see custom_ops/tf/ops/accum_ops.cc)."""
-        return {
+        attrs = {
             "accumulator": self.accumulator.kernel_attr(),
             "product": [] if self.product is None else self.product.kernel_attr(),
             "chunk_size": self.chunk_size,
@@ -283,6 +367,9 @@ class AccumConfig:
             "rounding": self.rounding,
             "seed": self.seed,
         }
+        if self.fused is not None:  # absent means sequential, so graphs without it still load
+            attrs["fused"] = self.fused.kernel_attr()
+        return attrs
 
 
 # Three float32 defaults, one per kind of object:

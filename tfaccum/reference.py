@@ -347,14 +347,18 @@ def round_to_format(x, fmt, rounding: str = "nearest_even", rbits=None) -> float
 # -------------------------------------------------------------------------------------
 # The dot product (numerics §3)
 # -------------------------------------------------------------------------------------
-def _accumulate(products, config: AccumConfig, element: int, step: int = 0) -> np.float32:
-    """Sum the exact products ``p_0 .. p_{n-1}`` of output ``element`` as ``config`` says."""
+def _accumulate(pairs, config: AccumConfig, element: int, step: int = 0) -> np.float32:
+    """Sum the dot product of the exact operand pairs ``(a_k, b_k)`` of output ``element``
+    as ``config`` says."""
+    if config.fused is not None:
+        return _accumulate_fused(pairs, config, element, step)
     stochastic = config.rounding == "stochastic"
 
     def q(v, fmt, counter):
         rbits = random_bits(config.seed, element, counter, step) if stochastic else None
         return _round_exact(v, fmt, config.rounding, rbits)
 
+    products = [_mul(x, y) for x, y in pairs]
     if config.product is not None:
         products = [q(p, config.product, 3 * k) for k, p in enumerate(products)]
 
@@ -369,6 +373,91 @@ def _accumulate(products, config: AccumConfig, element: int, step: int = 0) -> n
             for k in range(start, min(n, start + c)):  # k is the global product index
                 t = q(_add(t, products[k]), config.accumulator, 3 * k + 1)
             s = q(_add(s, t), config.effective_chunk_accumulator, 3 * j + 2)
+    return np.float32(_as_float(s))
+
+
+# -------------------------------------------------------------------------------------
+# The fused multi-term adder (numerics §7)
+# -------------------------------------------------------------------------------------
+def _exponent(v: Fraction, emin: int) -> int:
+    """The exponent a non-zero finite value enters the adder with: ``max(floor(log2|v|),
+    emin)`` (a value below ``2^emin`` is a subnormal of its format)."""
+    return max(_floor_log2(abs(v.numerator), v.denominator), emin)
+
+
+def fused_block(d, pairs, config: AccumConfig):
+    """One fused dot-product-add ``FDPA(a_block, b_block, d)`` of numerics §7, on exact
+    values: ``d`` (the running sum, an exact value) plus the exact products of ``pairs``,
+    each aligned to the largest term exponent and truncated ``F`` bits below it, added
+    exactly and rounded once to the accumulator format. Returns an exact value."""
+    adder, acc = config.fused, config.accumulator
+    products = [_mul(x, y) for x, y in pairs]
+
+    # Specials: NaN, Inf - Inf and 0 x Inf give NaN; otherwise an infinity wins.
+    specials = [v for v in [d] + products if _is_special(v) and v != 0.0]
+    if specials:
+        total = 0.0
+        for v in specials:
+            total = _add(total, v)
+        return total
+
+    # Each term's exponent: a product's is the sum of its operands' exponents (its
+    # significand, the product of theirs, lies in [0, 4)); a zero takes zero_exponent.
+    exponents, values = [], []
+    if d == 0.0:
+        exponents.append(adder.zero_exponent)
+        values.append(Fraction(0))
+    else:
+        exponents.append(_exponent(d, acc.emin))
+        values.append(d)
+    for (x, y), p in zip(pairs, products):
+        if p == 0.0:
+            exponents.append(adder.zero_exponent)
+            values.append(Fraction(0))
+        else:
+            exponents.append(_exponent(x, adder.operand_emin) + _exponent(y, adder.operand_emin))
+            values.append(p)
+
+    # Align to the largest exponent, truncate toward zero F bits below it, add exactly.
+    grid = _dyadic(1, max(exponents) - adder.fraction_bits)
+    total = Fraction(0)
+    for v in values:
+        kept = (abs(v) // grid) * grid  # floor of the magnitude: truncation toward zero
+        total += -kept if v < 0 else kept
+    if total == 0:
+        return 0.0  # an exact zero sum is +0
+
+    # One rounding to the accumulator format. With overflow="inf" an overflow is Inf under
+    # either rounding, as the published hardware models convert (numerics §7).
+    if (adder.output_rounding == "toward_zero" and acc.overflow == "inf"
+            and abs(total) >= _dyadic(1, acc.emax + 1)):
+        return -math.inf if total < 0 else math.inf
+    return _round_exact(total, acc, adder.output_rounding, None)
+
+
+def _fused_chain(pairs, config: AccumConfig):
+    """``D_0 = +0, D_{j+1} = FDPA(block_j, D_j)`` over blocks of ``L`` pairs, the last
+    one partial; an empty chain is +0."""
+    d = 0.0
+    terms = config.fused.terms
+    for start in range(0, len(pairs), terms):
+        d = fused_block(d, pairs[start:start + terms], config)
+    return d
+
+
+def _accumulate_fused(pairs, config: AccumConfig, element: int, step: int) -> np.float32:
+    """The fused chain over the whole dot product, or (promotion) over each chunk of
+    ``chunk_size`` products, each chunk's result added to the total in the chunk
+    format with ``config.rounding`` (counter 3j+2)."""
+    c = config.chunk_size
+    if c == 0:
+        return np.float32(_as_float(_fused_chain(pairs, config)))
+    stochastic = config.rounding == "stochastic"
+    s = 0.0
+    for j, start in enumerate(range(0, len(pairs), c)):
+        t = _fused_chain(pairs[start:start + c], config)
+        rbits = random_bits(config.seed, element, 3 * j + 2, step) if stochastic else None
+        s = _round_exact(_add(s, t), config.effective_chunk_accumulator, config.rounding, rbits)
     return np.float32(_as_float(s))
 
 
@@ -400,8 +489,8 @@ def dot(a, b, config: AccumConfig, element: int = 0, step: int = 0) -> np.float3
     a, b = _as_f32(a).reshape(-1), _as_f32(b).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"dot: lengths differ ({a.size} and {b.size})")
-    products = [_mul(_exact(x), _exact(y)) for x, y in zip(a.tolist(), b.tolist())]
-    return _accumulate(products, _as_config(config), element, _check_step(step))
+    pairs = [(_exact(x), _exact(y)) for x, y in zip(a.tolist(), b.tolist())]
+    return _accumulate(pairs, _as_config(config), element, _check_step(step))
 
 
 # -------------------------------------------------------------------------------------
@@ -462,8 +551,8 @@ def _matmul_logical(a_ex, b_ex, config: AccumConfig, element_of, step: int = 0) 
     y = np.empty((m, n), dtype=np.float32)
     for i in range(m):
         for j in range(n):
-            products = [_mul(a_ex[i, k], b_ex[k, j]) for k in range(k_dim)]
-            y[i, j] = _accumulate(products, config, element_of(i, j), step)
+            pairs = [(a_ex[i, k], b_ex[k, j]) for k in range(k_dim)]
+            y[i, j] = _accumulate(pairs, config, element_of(i, j), step)
     return y
 
 
@@ -618,7 +707,7 @@ def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1),
             for ox in range(ow):
                 for co in range(cout):
                     c0 = (co // cout_g) * cin_w  # the group's first input channel
-                    products = []
+                    pairs = []
                     for ky in range(kh):
                         for kx in range(kw):
                             iy = oy * sy + ky * dly - pad_top
@@ -626,8 +715,8 @@ def conv2d(x, w, config, strides=(1, 1), padding="SAME", dilations=(1, 1),
                             inside = 0 <= iy < h and 0 <= ix < wid
                             for ci in range(cin_w):
                                 tap = xe[b, iy, ix, c0 + ci] if inside else _PADDING_TAP
-                                products.append(_mul(tap, we[ky, kx, ci, co]))
-                    y[b, oy, ox, co] = _accumulate(products, config, element, step)
+                                pairs.append((tap, we[ky, kx, ci, co]))
+                    y[b, oy, ox, co] = _accumulate(pairs, config, element, step)
                     element += 1
     return y
 
@@ -676,7 +765,7 @@ def conv2d_backprop_input(input_shape, w, dy, config, strides=(1, 1), padding="S
             for ix in range(wid):
                 for ci in range(cin):
                     group, ci_w = divmod(ci, cin_w)
-                    products = []
+                    pairs = []
                     for ky in range(kh):
                         for kx in range(kw):
                             oy = source(iy, pad_top, ky, dly, sy, oh)
@@ -686,8 +775,8 @@ def conv2d_backprop_input(input_shape, w, dy, config, strides=(1, 1), padding="S
                                     tap = _PADDING_TAP
                                 else:
                                     tap = dye[b, oy, ox, co]
-                                products.append(_mul(tap, we[ky, kx, ci_w, co]))
-                    dx[b, iy, ix, ci] = _accumulate(products, config, element, step)
+                                pairs.append((tap, we[ky, kx, ci_w, co]))
+                    dx[b, iy, ix, ci] = _accumulate(pairs, config, element, step)
                     element += 1
     return dx
 
@@ -726,7 +815,7 @@ def conv2d_backprop_filter(x, filter_shape, dy, config, strides=(1, 1), padding=
             for ci in range(cin_w):
                 for co in range(cout):
                     c = (co // cout_g) * cin_w + ci  # the input channel, in co's group
-                    products = []
+                    pairs = []
                     for b in range(batch):
                         for oy in range(oh):
                             for ox in range(ow):
@@ -734,8 +823,8 @@ def conv2d_backprop_filter(x, filter_shape, dy, config, strides=(1, 1), padding=
                                 ix = ox * sx + kx * dlx - pad_left
                                 inside = 0 <= iy < h and 0 <= ix < wid
                                 tap = xe[b, iy, ix, c] if inside else _PADDING_TAP
-                                products.append(_mul(tap, dye[b, oy, ox, co]))
-                    dw[ky, kx, ci, co] = _accumulate(products, config, element, step)
+                                pairs.append((tap, dye[b, oy, ox, co]))
+                    dw[ky, kx, ci, co] = _accumulate(pairs, config, element, step)
                     element += 1
     return dw
 

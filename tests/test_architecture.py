@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first. A name ending in ".*" stands for every module below that package; an
 # exact name wins over a pattern.
 LEVELS = [
-    ("foundations", ["tfaccum.config", "tfaccum.reference", "tfaccum.models"]),
+    ("foundations", ["tfaccum.config", "tfaccum.presets", "tfaccum.reference", "tfaccum.models"]),
     ("ops", ["tfaccum.ops", "tfaccum.engine"]),
     ("scope", ["tfaccum.scope"]),
     ("layers", ["tfaccum.layers"]),

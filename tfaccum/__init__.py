@@ -34,6 +34,7 @@ from tfaccum.config import (  # noqa: F401
 from tfaccum.ops import accum_conv2d, accum_conv2d_transpose, accum_matmul, quantize  # noqa: F401
 
 from tfaccum import layers  # noqa: E402,F401  (registers the layers with Keras, for loading)
+from tfaccum import presets  # noqa: E402,F401
 from tfaccum.layers import set_step_counter  # noqa: E402,F401
 from tfaccum.model_rewrite import rewrite  # noqa: E402,F401
 from tfaccum.model_summary import summary  # noqa: E402,F401

@@ -322,6 +322,12 @@ def test_bad_flags_give_one_error_line(args, words, tmp_path):
     (["--experiment=tightness", "--policy=fp32"], ["--policy", "predicted"]),
     (["--keep_full_precision=nosuchlayer", "--epochs=1"], ["nosuchlayer", "conv1"]),
     (["--strategy=tpu"], ["--strategy", "mirrored"]),
+    (["--policy=tensor_core:volta:e4m3"], ["--policy", "volta", "supported pairs", "hopper"]),
+    (["--policy=tensor_core:hopper"], ["--policy", "tensor_core:<arch>:<operands>"]),
+    (["--policy=tensor_core:hopper:e4m3", "--experiment=tightness"],
+     ["--experiment", "convergence"]),
+    (["--policy=tensor_core:hopper:e4m3", "--operands=fp16"], ["--operands", "e4m3"]),
+    (["--policy=e6m5", "--promote_every=128"], ["--promote_every", "tensor_core"]),
 ])
 def test_bad_flag_values_in_process(args, words, tmp_path, capsys):
     assert train_main(*args, f"--model_dir={tmp_path}") == 2
@@ -356,6 +362,36 @@ def test_run_specs_of_the_experiments():
     assert [(s.name, s.seed) for s in specs[:5]] == [
         ("fp32", 0), ("predicted", 0), ("predicted-1", 0), ("predicted-2", 0), ("fp32", 1)]
     assert len(specs) == 20 and specs[-1].directory == "predicted-2/seed4"
+
+
+def test_tensor_core_runs():
+    import keras
+
+    from tfaccum import models, presets
+    from tfaccum.training import policies
+    from tfaccum.training.settings import Settings
+
+    settings = Settings.resolve({"seeds": 1, "experiment": "convergence",
+                                 "policy": "tensor_core:Hopper:e4m3", "promote_every": 128,
+                                 })
+    assert settings.policy == "tensor_core:hopper:e4m3"
+    assert settings.operands == presets.OPERAND_FORMATS["e4m3"]  # the baseline's too
+    assert [s.name for s in settings.run_specs()] == ["fp32", "tc-hopper-e4m3_p128"]
+    spec = settings.run_specs()[1]
+    keras.backend.clear_session()
+    model = models.digits_cnn()
+    chosen = policies.layer_policies(spec, settings, model)
+    assert list(chosen) == ["conv1", "conv2", "fc1"]  # the last layer (fc2) stays float32
+    expected = presets.tensor_core("hopper", "e4m3", promote_every=128)
+    for policy in chosen.values():
+        # the hardware's own roundings; the operands with Inf for dynamic loss scaling
+        assert (policy.fwd, policy.bwd, policy.grad) == (expected.fwd,) * 3
+        assert policy.operands.mantissa_bits == 3 and policy.operands.overflow == "inf"
+    assert policies.describe(chosen) == "hopper e4m3 (wgmma), promotion every 128"
+    plain = Settings.resolve({"policy": "tensor_core:ampere:bf16", "seeds": 1})
+    assert [s.name for s in plain.run_specs()] == ["tc-ampere-bf16"]
+    assert policies.describe(policies.layer_policies(plain.run_specs()[0], plain, model)) == \
+        "ampere bf16 (mma), no promotion"
 
 
 @pytest.mark.parametrize("after", ["constant", "step"])

@@ -81,7 +81,11 @@ _define("integer", "seeds", None, "Repeat every configuration with seeds seed ..
 # What to compare.
 _define("string", "experiment", "single", f"{_choices(EXPERIMENTS)}.")
 _define("string", "policy", "predicted", "Accumulation of the (reduced) run: fp32, "
-        "predicted (tfaccum.analysis per GEMM), mantissa bits (10) or a format (e6m10).")
+        "predicted (tfaccum.analysis per GEMM), mantissa bits (10), a format (e6m10), or "
+        "a GPU's tensor cores, tensor_core:<arch>:<operands> (e.g. tensor_core:hopper:e4m3; "
+        "tfaccum.presets).")
+_define("integer", "promote_every", 0, "Tensor-core runs: add the partial sums to a "
+        "float32 total every N products (DeepSeek-V3: 128); 0: never.")
 _define("integer", "acc_exponent_bits", 6, "Accumulator exponent bits (6 as in the paper).")
 _define("integer", "chunk_size", 0, "Chunk-based accumulation chunk size (0: sequential).")
 _define("list", "chunk_variants", [], "Experiments: also run the reduced runs with these "

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import keras
 
 from tfaccum.analysis import GEMMS
+from tfaccum import presets
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat
 from tfaccum.inventory import gemm_layers
 from tfaccum.training.settings import DriverError, RunSpec, Settings
@@ -62,8 +63,8 @@ def _finish(policy: AccumPolicy, settings: Settings, layer_index: int,
     configs = {}
     for i, gemm in enumerate(GEMMS):
         config: AccumConfig = getattr(policy, gemm)
-        if config.is_exact_float32:
-            configs[gemm] = config
+        if config.is_exact_float32 or config.fused is not None:
+            configs[gemm] = config  # float32, or a tensor core's own roundings
             continue
         changes = {"rounding": settings.rounding}
         if settings.rounding == "stochastic":  # a distinct stream per layer and GEMM
@@ -86,6 +87,9 @@ def layer_policies(spec: RunSpec, settings: Settings, model, plan=None
             raise ValueError("a predicted run needs its precision plan")
         planned = plan.policies()
         base = {name: planned[name] for name in names if name in planned}
+    elif spec.tensor_core is not None:
+        policy = presets.tensor_core(*spec.tensor_core, promote_every=spec.chunk_size)
+        base = {name: policy for name in names}
     else:
         config = AccumConfig(accumulator=spec.fixed_format(), chunk_size=spec.chunk_size)
         base = {name: AccumPolicy.uniform(config) for name in names}
@@ -113,6 +117,12 @@ def describe(policies: Dict[str, AccumPolicy]) -> str:
     reduced = [c for c in configs if not c.is_exact_float32]
     if not reduced:
         return "fp32"
+    hardware = {presets.hardware_of(c) for c in reduced} - {None}
+    if hardware:  # a tensor-core run: name the hardware and the promotion
+        chunks = sorted({c.chunk_size for c in reduced})
+        promotion = ("no promotion" if chunks == [0] else
+                     "promotion every " + "/".join(map(str, chunks)))
+        return f"{', '.join(sorted(hardware))}, {promotion}"
     formats = {c.accumulator.name for c in reduced}
     if len(formats) == 1 and len(reduced) == len(configs):
         return formats.pop()

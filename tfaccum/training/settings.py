@@ -13,10 +13,14 @@ directory ``<model_dir>/<RunSpec.name>``:
 ``"fp32"``          float32 accumulation everywhere (the baseline)
 ``"predicted"``     each GEMM at the mantissa width predicted by ``tfaccum.analysis``
 ``"e6m10"``, ...    every emulated GEMM accumulates in that fixed format
+``"tensor_core:``   every emulated GEMM accumulates as that GPU's tensor cores do
+``hopper:e4m3"``    (``tfaccum.presets.tensor_core``), on operands of its input format
 ==================  =================================================================
 
 ``offset`` shifts every emulated GEMM's mantissa by that many bits (never below 0) and
-``chunk_size`` selects chunk-based accumulation (0: sequential).
+``chunk_size`` selects chunk-based accumulation (0: sequential); for a tensor-core run it
+is the promotion interval (``--promote_every``: the partial sums go to a float32 total
+every that many products; 0: never).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from tfaccum import presets
 from tfaccum.config import FloatFormat, as_format
 from tfaccum.training.recipes import MODELS, RECIPES
 
@@ -49,7 +54,7 @@ class DriverError(Exception):
 class RunSpec:
     """One run of an experiment: an accumulation policy, a bit offset and a chunk size."""
 
-    policy: str  # "fp32", "predicted" or a format name such as "e6m10"
+    policy: str  # "fp32", "predicted", a format name such as "e6m10", "tensor_core:hopper:e4m3"
     offset: int = 0
     chunk_size: int = 0
     seed: int = 0  # initial weights, data order (and, for digits, the test fold)
@@ -59,11 +64,22 @@ class RunSpec:
         return self.policy != "fp32"
 
     @property
+    def tensor_core(self) -> Optional[Tuple[str, str]]:
+        """(arch, operands) of a tensor-core run, else None."""
+        if not self.policy.startswith(TENSOR_CORE_PREFIX):
+            return None
+        arch, operands = self.policy[len(TENSOR_CORE_PREFIX):].split(":")
+        return arch, operands
+
+    @property
     def name(self) -> str:
         """The run's directory name: ``fp32``, ``predicted``, ``predicted-1``,
-        ``predicted_c64-2``, ``e6m10``..."""
+        ``predicted_c64-2``, ``e6m10``, ``tc-hopper-e4m3_p128``..."""
         if not self.emulated:
             return "fp32"
+        if self.tensor_core is not None:
+            name = "tc-" + "-".join(self.tensor_core)
+            return name + (f"_p{self.chunk_size}" if self.chunk_size else "")
         name = self.policy
         if self.chunk_size:
             name += f"_c{self.chunk_size}"
@@ -78,7 +94,7 @@ class RunSpec:
 
     def fixed_format(self) -> Optional[FloatFormat]:
         """The accumulator of a fixed-format run, offset applied (mantissa clamped at 0)."""
-        if self.policy in ("fp32", "predicted"):
+        if self.policy in ("fp32", "predicted") or self.tensor_core is not None:
             return None
         fmt = as_format(self.policy)
         return fmt.with_mantissa_bits(min(23, max(0, fmt.mantissa_bits + self.offset)))
@@ -109,8 +125,12 @@ def _int_list(flag: str, value) -> Tuple[int, ...]:
     return tuple(out)
 
 
+TENSOR_CORE_PREFIX = "tensor_core:"
+
+
 def parse_policy(text: str, exponent_bits: int) -> str:
-    """``fp32``, ``predicted``, or a fixed accumulator format normalized to ``e<E>m<M>``.
+    """``fp32``, ``predicted``, a fixed accumulator format normalized to ``e<E>m<M>``, or
+    ``tensor_core:<arch>:<operands>``.
 
     A bare integer is a mantissa width with ``exponent_bits`` exponent bits; a preset
     name (``bfloat16``, ``float16``...) or ``e<E>m<M>`` gives the whole format.
@@ -120,6 +140,13 @@ def parse_policy(text: str, exponent_bits: int) -> str:
         return "fp32"
     if key == "predicted":
         return "predicted"
+    if key.startswith(TENSOR_CORE_PREFIX):
+        try:
+            tc = presets.model(*key[len(TENSOR_CORE_PREFIX):].split(":", 1))
+        except (TypeError, ValueError) as err:
+            _fail("policy", f"{text!r}: {err} (write tensor_core:<arch>:<operands>, e.g. "
+                            "tensor_core:hopper:e4m3)")
+        return f"{TENSOR_CORE_PREFIX}{tc.arch}:{tc.operands}"
     try:
         bits = int(key)
     except ValueError:
@@ -273,6 +300,31 @@ class Settings:
             if c <= 0:
                 _fail("chunk_variants", f"chunk sizes must be > 0, got {c}")
         operands = parse_operands(v.get("operands") or recipe.operands)
+        promote_every = positive("promote_every", v.get("promote_every", 0) or 0,
+                                 allow_zero=True)
+        if policy.startswith(TENSOR_CORE_PREFIX):
+            # The hardware fixes the operand format and the roundings; the promotion
+            # interval is the chunk size of the run (numerics.md section 7).
+            tc = presets.model(*policy[len(TENSOR_CORE_PREFIX):].split(":"))
+            given = v.get("operands")
+            if given and parse_operands(given) != tc.operand_format:
+                _fail("operands", f"{policy} takes {tc.operands} operands, got {given!r}: "
+                                  "leave --operands unset")
+            operands = tc.operand_format
+            if chunk_size and promote_every and chunk_size != promote_every:
+                _fail("promote_every", f"{promote_every} differs from --chunk_size="
+                                       f"{chunk_size}; give one of them")
+            chunk_size = promote_every or chunk_size
+            if experiment == "tightness":
+                _fail("experiment", "tightness shifts mantissa widths, which a tensor core "
+                                    "fixes: use --experiment=convergence (with "
+                                    "--chunk_variants for more promotion intervals)")
+            if v.get("bits_offset"):
+                _fail("bits_offset", f"a tensor core's widths are fixed, got "
+                                     f"{v.get('bits_offset')}")
+        elif promote_every:
+            _fail("promote_every", "applies to --policy=tensor_core:<arch>:<operands> only; "
+                                   "use --chunk_size for tfaccum's own formats")
         loss_scale = str(v.get("loss_scale") or "auto").lower()
         if loss_scale == "auto":
             loss_scale = "dynamic" if operands is not None else "none"

@@ -110,3 +110,31 @@ def test_numpy_integers_are_accepted_and_stored_as_python_ints():
     with pytest.raises(ValueError, match=r"seed must be in -9223372036854775808\.\.9223372036854775807, "
                                          r"got 9223372036854775808"):
         AccumConfig(seed=np.uint64(2 ** 63))
+
+
+# --- the fused adder (numerics.md section 7) ---------------------------------------------
+def test_fused_adder_validates_and_round_trips():
+    from tfaccum.config import FusedAdder
+
+    adder = FusedAdder(terms=32, fraction_bits=13, zero_exponent=-133, operand_emin=-6,
+                       hardware="hopper e4m3")
+    config = AccumConfig(accumulator=FloatFormat(8, 13, overflow="inf"), fused=adder,
+                         chunk_size=128, chunk_accumulator=tfaccum.BINARY32)
+    assert AccumConfig.from_dict(config.to_dict()) == config
+    assert AccumConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.kernel_attrs()["fused"] == [32, 13, -133, -6, 1]
+    assert "fused" not in AccumConfig().kernel_attrs()  # graphs without it still load
+    assert not config.is_exact_float32
+    assert "hopper e4m3" in repr(config) and "32-term" in repr(config)
+    for bad in [dict(terms=0), dict(terms=65), dict(fraction_bits=0), dict(fraction_bits=41),
+                dict(zero_exponent=513), dict(operand_emin=1), dict(operand_emin=-150)]:
+        with pytest.raises(ValueError):
+            FusedAdder(**{**dict(terms=4, fraction_bits=23, zero_exponent=-131), **bad})
+    with pytest.raises(ValueError, match="output_rounding"):
+        FusedAdder(4, 23, -131, output_rounding="stochastic")
+    with pytest.raises(TypeError):
+        FusedAdder(4.0, 23, -131)
+    with pytest.raises(ValueError, match="exact products"):
+        AccumConfig(fused=adder, product=FloatFormat(5, 2))
+    with pytest.raises(TypeError, match="FusedAdder"):
+        AccumConfig(fused=(4, 23))

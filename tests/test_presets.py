@@ -285,3 +285,15 @@ def test_promotion_recovers_what_the_fused_sum_truncates(backend, arch, operands
     promoted = presets.tensor_core(arch, operands, promote_every=terms).fwd
     expected = 1.0 + 2.0 ** (-F - 1) if F <= 22 else 1.0
     assert _same(_evaluate(backend, p, promoted), p.value(expected))
+
+
+def test_rewrite_and_summary_name_the_hardware():
+    import keras
+
+    keras.backend.clear_session()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="fc")])
+    policy = presets.tensor_core("hopper", "e4m3", promote_every=128)
+    emulated = tfaccum.rewrite(model, policy)
+    text = tfaccum.summary(emulated, print_fn=lambda *_: None)
+    assert "hopper e4m3 (wgmma)" in text and "32-term" in text and "chunk 128" in text
+    assert emulated.get_layer("fc").policy == policy

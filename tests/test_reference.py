@@ -940,3 +940,67 @@ def test_module_docstring_examples():
     import doctest
 
     assert doctest.testmod(ref).failed == 0
+
+
+# --- the fused adder (numerics.md section 7): cases worked out by hand -----------------
+def _fused(terms=4, fraction_bits=23, zero_exponent=-131, operand_emin=-126,
+           accumulator=None, output_rounding="toward_zero", **config):
+    adder = cfgmod.FusedAdder(terms, fraction_bits, zero_exponent, operand_emin, output_rounding)
+    return AccumConfig(accumulator=accumulator or FloatFormat(8, 23, overflow="inf"),
+                       fused=adder, **config)
+
+
+def _fdot(a, b, config):
+    return float(ref.dot(np.array(a, np.float32), np.array(b, np.float32), config))
+
+
+def test_fused_overflow_is_inf_under_toward_zero_when_the_format_overflows_to_inf():
+    a, b = [2.0 ** 127, 2.0 ** 127], [1.0, 1.0]  # S = 2^128
+    assert _fdot(a, b, _fused()) == math.inf
+    assert _fdot([-x for x in a], b, _fused()) == -math.inf
+    saturating = _fused(accumulator=FloatFormat(8, 23))
+    assert _fdot(a, b, saturating) == FloatFormat(8, 23).max_value
+    # just below 2^128 it truncates to the largest float32
+    assert _fdot([2.0 ** 127, 2.0 ** 127 * (1 - 2.0 ** -24)], b, _fused()) == \
+        FloatFormat(8, 23).max_value
+
+
+def test_fused_subnormal_operands_enter_with_the_formats_emin():
+    # 2^-20 x 1 alone (the running sum is +0, exponent -131): with operand_emin = -14 the
+    # operand counts with exponent -14, so E = -14 and F = 4 gives a grid of 2^-18: the
+    # product truncates to +0. With operand_emin = -126 its exponent is -20: kept.
+    assert _fdot([2.0 ** -20], [1.0], _fused(fraction_bits=4, operand_emin=-14)) == 0.0
+    assert _fdot([2.0 ** -20], [1.0], _fused(fraction_bits=4)) == 2.0 ** -20
+
+
+def test_fused_zero_sums_and_empty_sums_are_plus_zero():
+    for a, b in ([[-0.0, -0.0], [1.0, 1.0]], [[1.0, -1.0], [1.0, 1.0]], [[], []]):
+        result = _fdot(a, b, _fused())
+        assert result == 0.0 and math.copysign(1, result) == 1, (a, b)
+    # a non-zero sum that truncates to zero keeps its sign: -2^-150 -> -0
+    result = _fdot([-(2.0 ** -75)], [2.0 ** -75], _fused())
+    assert result == 0.0 and math.copysign(1, result) == -1
+
+
+def test_fused_nearest_even_output_and_partial_last_block():
+    # L = 2, F = 23: blocks [1, 2^-24] -> E = 0, 2^-24 below the grid 2^-23: D = 1;
+    # [2^-24] with D = 1: again truncated: 1. Sequential float32 would give the same, but
+    # [2^-23 * 1.5] with D = 1 keeps 2^-23 only (truncation), nearest-even output: 1 + 2^-23.
+    config = _fused(terms=2, output_rounding="nearest_even")
+    assert _fdot([1.0, 2.0 ** -24, 2.0 ** -24], [1.0] * 3, config) == 1.0
+    assert _fdot([1.0, 0.0, 1.5 * 2.0 ** -23], [1.0] * 3, config) == 1.0 + 2.0 ** -23
+    # With F = 25 the adder keeps 1.5 * 2^-23 whole; nearest-even rounds 1 + 1.5 ulp up.
+    wide = _fused(terms=2, fraction_bits=25, output_rounding="nearest_even")
+    assert _fdot([1.0, 0.0, 1.5 * 2.0 ** -23], [1.0] * 3, wide) == 1.0 + 2.0 ** -22
+
+
+def test_fused_promotion_restarts_every_chunk():
+    # chunk 3, L = 2: chunk 0 = [1, 2^-30 | 2^-30], chunk 1 = [2^-30]. Inside chunk 0 the
+    # small products are truncated against 1 (F = 23); chunk 1 starts from +0 and keeps
+    # its 2^-30, which the float32 total (nearest-even) then rounds away against 1.
+    config = _fused(terms=2, chunk_size=3, chunk_accumulator=cfgmod.BINARY32)
+    assert _fdot([1.0] + [2.0 ** -30] * 3, [1.0] * 4, config) == 1.0
+    # With the total in e8m23 but a big enough promoted part it survives: 4 chunks of one
+    # product each: every 2^-23 is kept by its own chunk and added exactly.
+    config = _fused(terms=2, chunk_size=1, chunk_accumulator=cfgmod.BINARY32)
+    assert _fdot([1.0] + [2.0 ** -23] * 2, [1.0] * 3, config) == 1.0 + 2.0 ** -22

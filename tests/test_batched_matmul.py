@@ -214,7 +214,7 @@ def test_einsum_with_unknown_dims():
 @pytest.mark.parametrize("equation,match", [
     ("ij,jk", "explicit output"),
     ("ij,jk,kl->il", "3 operand"),
-    ("...ij,jk->...ik", "ellipsis"),
+    ("ij,jk->i.k", "ellipsis"),
     ("ii,ij->j", "repeats in operand 1"),
     ("ij,jk->ikk", "repeats in the output"),
     ("ij,jk->iz", "in neither operand"),
@@ -225,6 +225,17 @@ def test_einsum_rejects_what_it_cannot_express(equation, match):
     with pytest.raises(ValueError, match=match):
         tfaccum.accum_einsum(equation, np.ones((2, 2), np.float32),
                              np.ones((2, 2), np.float32), AccumConfig())
+
+
+def test_einsum_ellipsis_is_named_letters():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    b = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    policy = random_policy(rng)
+    assert_bit_equal(tfaccum.accum_einsum("...ij,...jk->...ik", a, b, policy),
+                     reference.einsum("zij,zjk->zik", a, b, policy))
+    assert_bit_equal(tfaccum.accum_einsum("...j,jk->...k", a, b[0], policy),
+                     reference.einsum("xyj,jk->xyk", a, b[0], policy))
 
 
 def test_einsum_operand_errors():

@@ -258,8 +258,8 @@ def _einsum_plan(equation: str):
         raise TypeError(f"equation must be a str, got {type(equation).__name__}")
     eq = equation.replace(" ", "")
     bad = f"accum_einsum cannot express {equation!r}: "
-    if "..." in eq:
-        raise ValueError(bad + "ellipsis ('...') is not supported; name every dimension")
+    if "." in eq:
+        raise ValueError(bad + "ellipsis ('...') needs operands of known rank")
     if eq.count("->") != 1:
         raise ValueError(bad + "it needs exactly one explicit output ('->')")
     lhs, out = eq.split("->")
@@ -288,6 +288,28 @@ def _einsum_plan(equation: str):
     free_a = [c for c in out if c in ta and c not in tb]
     free_b = [c for c in out if c in tb and c not in ta]
     return ta, tb, out, batch, contracted, free_a, free_b
+
+
+def _expand_ellipsis(equation: str, ranks) -> str:
+    """``equation`` with each ``...`` replaced by letters it does not use, one per
+    dimension the operand's rank (``ranks``: a's, b's) leaves to it, aligned on the right
+    across the terms as broadcasting aligns them (NumPy's and tf.einsum's rule)."""
+    eq = equation.replace(" ", "")
+    if "..." not in eq or eq.count("->") != 1:
+        return equation  # _einsum_plan names the problem
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or None in ranks:
+        return equation
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in eq]
+    widths = [rank - (len(term) - 3) if "..." in term else 0
+              for term, rank in zip(terms, ranks)]
+    width = max(widths)
+    if min(widths) < 0 or width > len(spare):
+        return equation
+    letters = "".join(spare[:width])
+    terms = [t.replace("...", letters[width - w:]) for t, w in zip(terms, widths)]
+    return f"{terms[0]},{terms[1]}->{out.replace('...', letters)}"
 
 
 def _dims(t) -> list:
@@ -326,14 +348,18 @@ def accum_einsum(equation: str, a, b, config_or_policy: ConfigOrPolicy, step=0,
       output order;
     * ``da`` (``bwd``) sums over b's free indices, ``db`` (``grad``) over a's (numerics §7).
 
+    An ellipsis (``...``, operands of known rank) stands for unused letters, one per
+    dimension it covers, aligned on the right as broadcasting aligns them.
+
     ``ValueError`` for an equation this cannot express: an index repeated within one
-    term, an index summed over one operand alone, an output index in neither operand,
-    ellipsis, or a number of operands other than two. Batch indices broadcast (size 1) as
-    in :func:`accum_matmul`.
+    term, an index summed over one operand alone, an output index in neither operand, an
+    ellipsis on an operand of unknown rank, or a number of operands other than two. Batch
+    indices broadcast (size 1) as in :func:`accum_matmul`.
     """
-    ta, tb, out, batch, contracted, free_a, free_b = _einsum_plan(equation)
     a = _check_float32("a", a)
     b = _check_float32("b", b)
+    equation = _expand_ellipsis(equation, (a.shape.rank, b.shape.rank))
+    ta, tb, out, batch, contracted, free_a, free_b = _einsum_plan(equation)
     for label, term, t in (("a", ta, a), ("b", tb, b)):
         if t.shape.rank is not None and t.shape.rank != len(term):
             raise ValueError(f"accum_einsum {equation!r}: {label} has shape {t.shape}, "

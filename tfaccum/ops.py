@@ -331,6 +331,30 @@ def _product(dims) -> object:
     return out
 
 
+def einsum_lengths(equation: str, a_shape, b_shape):
+    """``(fwd, bwd, grad, output_shape)`` of :func:`accum_einsum` on operands of these
+    shapes (numerics §7): the products each output, each element of ``da`` and each
+    element of ``db`` sums (the sizes of the contracted indices, of b's free indices, of
+    a's free indices). A length or an output dimension set by an unknown (None) size is
+    None."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    equation = _expand_ellipsis(equation, (len(a_shape), len(b_shape)))
+    ta, tb, out, _, contracted, free_a, free_b = _einsum_plan(equation)
+    sizes = {}
+    for term, shape in ((tb, b_shape), (ta, a_shape)):  # a's sizes win (b may broadcast)
+        if len(term) != len(shape):
+            raise ValueError(f"einsum {equation!r}: shape {shape} does not have the "
+                             f"{len(term)} dimensions of {term!r}")
+        sizes.update((c, None if d is None else int(d)) for c, d in zip(term, shape))
+
+    def length(indices):
+        dims = [sizes[c] for c in indices]
+        return None if None in dims else int(np.prod(dims, dtype=np.int64))
+
+    return (length(contracted), length(free_b), length(free_a),
+            tuple(sizes[c] for c in out))
+
+
 def accum_einsum(equation: str, a, b, config_or_policy: ConfigOrPolicy, step=0,
                  name=None) -> tf.Tensor:
     """The two-operand ``tf.einsum(equation, a, b)`` as one :func:`accum_matmul`.
@@ -606,5 +630,5 @@ def _conv2d_backprop_filter_grad(op, ddw):
     return d_x, None, d_dy, None
 
 
-__all__ = ["quantize", "accum_matmul", "accum_einsum", "accum_conv2d", "accum_conv2d_transpose",
+__all__ = ["quantize", "accum_matmul", "accum_einsum", "einsum_lengths", "accum_conv2d", "accum_conv2d_transpose",
            "load_library", "AccumConfig", "AccumPolicy", "FloatFormat"]

@@ -253,3 +253,67 @@ def test_keras_file_reloads_in_a_fresh_process(tmp_path):
     assert loaded["gqa"][0] == "AccumGroupedQueryAttention"
     assert all(v[1] == policy.to_json() for v in loaded.values())
     assert ["attention_output", "AccumEinsumDense"] in loaded["mha"][2]
+
+
+# --------------------------------------------------------------------------------------
+# vit_tiny: rewrite, predict, the driver
+# --------------------------------------------------------------------------------------
+def test_vit_tiny_is_emulated_entirely():
+    keras.utils.set_random_seed(8)
+    model = tfaccum.models.vit_tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotEmulatedWarning)
+        new = tfaccum.rewrite(model, AccumPolicy())
+    report = new.tfaccum_report
+    assert report.not_emulated == () and report.kept == ()
+    assert set(report.replaced) == {
+        "patch_embed", "block1_attn", "block1_mlp1", "block1_mlp2", "block2_attn",
+        "block2_mlp1", "block2_mlp2", "predictions"}
+    text = tfaccum.summary(new, batch_size=64, print_fn=None)
+    assert "not emulated" not in text and "Float32 GEMM layers" not in text
+    rows = {(r.layer, r.gemm): (r.fwd, r.bwd, r.grad) for r in gemm_lengths(new, 64)}
+    # 16 tokens (2x2 patches of 8x8), 4 heads of 8: QKᵀ sums 8, AV sums 16.
+    assert rows[("block1_attn", "attn/qk")] == (8, 16, 16)
+    assert rows[("block2_attn", "attn/av")] == (16, 8, 16)
+    x = np.random.default_rng(8).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(new(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_lists_attention_and_separable_gemms():
+    keras.utils.set_random_seed(9)
+    model = tfaccum.models.vit_tiny()
+    x = np.random.default_rng(9).standard_normal((8, 8, 8, 1)).astype(np.float32)
+    plan = tfaccum.analysis.predict(model, batch_size=32, data=x, direct=False)
+    by = {p.label: p for p in plan.layers}
+    qk, av = by["block1_attn (attn/qk)"], by["block1_attn (attn/av)"]
+    assert (qk.fwd.length, qk.bwd.length, qk.grad.length) == (8, 16, 16)
+    assert (av.fwd.length, av.bwd.length, av.grad.length) == (16, 8, 16)
+    assert by["block2_attn (query)"].grad.length == 32 * 16
+    assert "block2_attn (attn/av)" in plan.table()
+    # One policy per layer: per GEMM the widest of its sets.
+    policy = plan.policies()["block1_attn"]
+    sets = [p for p in plan.layers if p.layer == "block1_attn"]
+    assert policy.grad.accumulator.mantissa_bits == max(p.grad.mantissa_bits for p in sets)
+    assert plan.policies().keys() == {l.name for l in tfaccum.inventory.planned_layers(model)}
+    assert tfaccum.analysis.PrecisionPlan.from_json(plan.to_json()) == plan
+
+    inp = keras.Input((6, 6, 3))
+    y = keras.layers.SeparableConv2D(4, 3, depth_multiplier=2, name="sep")(inp)
+    sep_model = keras.Model(inp, keras.layers.Dense(2, name="fc")(keras.layers.Flatten()(y)))
+    plan = tfaccum.analysis.predict(sep_model, batch_size=8, sparsity=None)
+    by = {p.label: p for p in plan.layers}
+    dw, pw = by["sep (depthwise)"], by["sep (pointwise)"]
+    assert (dw.fwd.length, dw.bwd.length, dw.grad.length) == (9, 18, 8 * 4 * 4)
+    assert (pw.fwd.length, pw.bwd.length, pw.grad.length) == (6, 4, 8 * 4 * 4)
+
+
+def test_vit_tiny_trains_in_the_driver(tmp_path):
+    from tfaccum import train
+
+    status = train.main(["tfaccum.train", "--model=vit_tiny", "--max_train_examples=128",
+                         "--max_test_examples=64", "--batch_size=32", "--epochs=1",
+                         "--seeds=1", "--health_every_steps=0", f"--model_dir={tmp_path}"])
+    assert status == 0
+    plan = json.loads(next(tmp_path.rglob("plan.json")).read_text())
+    labels = {(l["layer"], l.get("gemm_set", "")) for l in plan["layers"]}
+    assert ("block1_attn", "attn/qk") in labels and ("block2_attn", "attn/av") in labels

@@ -41,12 +41,14 @@ from tfaccum.config import AccumPolicy
 from tfaccum.layers import ATTENTION, TWINS
 from tfaccum.ops import einsum_lengths
 
-__all__ = ["walk", "gemm_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
+__all__ = ["walk", "gemm_layers", "planned_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
            "lengths", "gemm_rows", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
            "not_emulated_reason", "EMULATED"]
 
 #: The tfaccum layer classes: the layers whose GEMMs are emulated.
 EMULATED = tuple(TWINS.values())
+#: The Keras attention layers (and so their twins): GEMM sets from their projections.
+_ATTENTION_BASES = (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)
 
 
 # --------------------------------------------------------------------------------------
@@ -98,6 +100,15 @@ def gemm_layers(model) -> list:
     included; descending into nested models), in order, each once: the layers the
     analysis measures and plans."""
     return [layer for layer, _ in walk(model) if isinstance(layer, SINGLE_GEMM)]
+
+
+def planned_layers(model) -> list:
+    """The layers :func:`tfaccum.analysis.predict` plans and the training driver rewrites,
+    in model order (descending into nested models): :func:`gemm_layers`, and every other
+    layer tfaccum emulates (separable convolutions, ``EinsumDense``, attention), whose
+    GEMM sets :func:`gemm_rows` lists."""
+    return [layer for layer, _ in walk(model)
+            if isinstance(layer, SINGLE_GEMM) or twin_class(layer) is not None]
 
 
 def emulated_layers(model, *, into_layers: bool = False) -> list:
@@ -234,7 +245,16 @@ def gemm_rows(layer, input_shape: Sequence, output_shape: Sequence,
     Depthwise 1D/2D     ``K``            ``K*M``            ``B`` x output spatial size
     Separable 1D/2D     depthwise, then pointwise: ``Cin*M``, ``filters``, as depthwise
     Conv1D/2DTranspose  ``K*Cin``        ``K*filters``      ``B`` x *input* spatial size
+    EinsumDense         contracted       kernel's free      input's free (``B`` among them)
     ==================  ===============  =================  ===========================
+
+    An attention layer (``MultiHeadAttention``, ``GroupQueryAttention`` or their twins;
+    ``input_shape`` and ``output_shape`` are not used: the shapes its projections were
+    built for are) has a set per projection, named as Keras names the projection
+    (``query``, ``key``, ``value``, ``gate``, ``attention_output``: EinsumDense rows), and
+    the products of every head: ``attn/qk`` (FWD the head size, BWD the key sequence,
+    GRAD the query sequence) and ``attn/av`` (FWD the key sequence, BWD the value head
+    size, GRAD the query sequence), numerics §7.
     """
     input_shape, output_shape = tuple(input_shape), tuple(output_shape)
     batch = batch_size if batch_size is not None else input_shape[0]
@@ -269,7 +289,7 @@ def gemm_rows(layer, input_shape: Sequence, output_shape: Sequence,
         sets.append(("", fwd, int(layer.units), _prod(input_shape[1:-1])))
     elif isinstance(layer, keras.layers.EinsumDense):
         return [_einsum_dense_row(layer, input_shape, batch, layer.name, "")]
-    elif isinstance(layer, ATTENTION):
+    elif isinstance(layer, _ATTENTION_BASES):
         return _attention_rows(layer, batch)
     else:
         raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not a Dense, "
@@ -308,7 +328,7 @@ def _attention_rows(layer, batch) -> List[GemmLengths]:
                                    getattr(layer, "_value_dense", None),
                                    getattr(layer, "_gate_dense", None))
                    if sub is not None]
-    policy = layer.policy
+    policy = getattr(layer, "policy", None)
     if not projections or _built_input(projections[0]) is None:
         return [GemmLengths(layer.name, type(layer).__name__, (), None, None, None, None,
                             policy)]
@@ -324,7 +344,7 @@ def _attention_rows(layer, batch) -> List[GemmLengths]:
         k = k[:2] + (k[2] * repeats,) + k[3:]
         v = v[:2] + (v[2] * repeats,) + v[3:]
     equation = layer._dot_product_equation
-    if layer._KEY_FIRST:  # the twin multiplies query first
+    if twin_class(layer)._KEY_FIRST:  # the twin multiplies the query first
         terms, out = equation.split("->")
         equation = ",".join(reversed(terms.split(","))) + "->" + out
     qk_fwd, qk_bwd, qk_grad, scores = einsum_lengths(equation, q, k)

@@ -5,7 +5,10 @@
 originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
 and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`; ``AccumConv1D``,
 ``AccumDepthwiseConv1D/2D``, ``AccumSeparableConv1D/2D`` and ``AccumConv1DTranspose/2DTranspose``
-do the same for the other Keras convolutions (``TWINS`` lists them all)::
+do the same for the other Keras convolutions, ``AccumEinsumDense`` for ``EinsumDense``
+(through ``tfaccum.accum_einsum``), and ``AccumMultiHeadAttention`` /
+``AccumGroupedQueryAttention`` for attention, projections and both attention products
+(``TWINS`` lists them all)::
 
     >>> import keras, tfaccum
     >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))

@@ -20,6 +20,14 @@ The predicted bits are then :func:`tfaccum.analysis.min_mantissa_bits` of the ef
 length. In a chunked accumulation the zeros still occupy their slots, so a chunk of
 ``c`` products holds ``c * (1 - sparsity)`` non-zero ones on average: the chunked
 prediction uses that effective chunk size.
+
+The other layers tfaccum emulates (separable convolutions, ``EinsumDense``,
+``MultiHeadAttention``, ``GroupQueryAttention``) get one plan entry per GEMM set
+(:func:`tfaccum.inventory.gemm_rows`: ``depthwise``/``pointwise``; an attention layer's
+projections and its per-head ``attn/qk`` and ``attn/av``), named by ``layer`` and
+``gemm_set``; their zeros are not measured (none are assumed, unless ``sparsity`` gives
+a fraction or a mapping that names the layer), and the layer's one policy takes, per
+GEMM, the widest of its sets.
 """
 
 from __future__ import annotations
@@ -532,7 +540,7 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
 
     Args:
       model: a Keras model; every ``Dense``/``Conv2D`` layer (and tfaccum twin) gets an
-        entry. Layers must have been called (Functional/Sequential models always are;
+        entry, every other layer tfaccum emulates one per GEMM set. Layers must have been called (Functional/Sequential models always are;
         a subclassed model needs ``data`` or must have been called on data).
       batch_size: the training batch size (it sets the GRAD lengths).
       product_mantissa_bits: ``m_p`` of the products (5: FP8 E5M2 operands multiplied

@@ -314,8 +314,10 @@ def _einsum_dense_row(layer, input_shape: tuple, batch, name: str, gemm: str) ->
 
 
 def _built_input(sublayer) -> Optional[tuple]:
-    config = sublayer.get_build_config() or {} if getattr(sublayer, "built", False) else {}
-    shape = config.get("input_shape")
+    """The input shape a (built) sublayer was built for, or None."""
+    if not getattr(sublayer, "built", False):
+        return None
+    shape = (sublayer.get_build_config() or {}).get("input_shape")
     return None if shape is None else tuple(shape)
 
 

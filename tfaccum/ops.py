@@ -209,7 +209,7 @@ def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = Fal
 def _sum_to_operand(grad, operand):
     """``grad`` (batch dimensions of the whole output) summed over the batch dimensions
     along which ``operand`` was broadcast, in float32 (``tf.reduce_sum``): outside the
-    emulated accumulation, as numerics §5 states. Unchanged when nothing was broadcast."""
+    emulated accumulation, as numerics §7 states. Unchanged when nothing was broadcast."""
     if (grad.shape.rank == 2 and operand.shape.rank == 2) or (
             grad.shape.is_fully_defined() and operand.shape.is_fully_defined()
             and grad.shape[:-2] == operand.shape[:-2]):
@@ -396,13 +396,13 @@ def accum_einsum(equation: str, a, b, config_or_policy: ConfigOrPolicy, step=0,
     a = tf.transpose(a, [ta.index(c) for c in batch + free_a + contracted])
     b = tf.transpose(b, [tb.index(c) for c in batch + contracted + free_b])
     a_dims, b_dims = _dims(a), _dims(b)
-    nb_ = len(batch)
-    a_free, a_k = a_dims[nb_:nb_ + len(free_a)], a_dims[nb_ + len(free_a):]
-    b_k, b_free = b_dims[nb_:nb_ + len(contracted)], b_dims[nb_ + len(contracted):]
-    a = tf.reshape(a, a_dims[:nb_] + [_product(a_free), _product(a_k)])
-    b = tf.reshape(b, b_dims[:nb_] + [_product(b_k), _product(b_free)])
+    n_batch = len(batch)
+    a_free, a_k = a_dims[n_batch:n_batch + len(free_a)], a_dims[n_batch + len(free_a):]
+    b_k, b_free = b_dims[n_batch:n_batch + len(contracted)], b_dims[n_batch + len(contracted):]
+    a = tf.reshape(a, a_dims[:n_batch] + [_product(a_free), _product(a_k)])
+    b = tf.reshape(b, b_dims[:n_batch] + [_product(b_k), _product(b_free)])
     y = accum_matmul(a, b, config_or_policy, step=step)
-    y = tf.reshape(y, _dims(y)[:nb_] + a_free + b_free)
+    y = tf.reshape(y, _dims(y)[:n_batch] + a_free + b_free)
     layout = batch + free_a + free_b
     perm = [layout.index(c) for c in out]
     if perm != list(range(len(perm))):

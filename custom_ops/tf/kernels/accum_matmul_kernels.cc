@@ -31,8 +31,9 @@ absl::Status LaunchMatMul<CpuDevice>(OpKernelContext* ctx, const AccumParams& pa
   // the same element index ((batch * M + i) * N + j) as one GEMM per batch: taken when
   // every batch multiplies the same b by its own, untransposed a (x[B, M, K] . w[K, N]),
   // so that a batch of small products is one parallel GEMM.
+  // (The last batch index reads b's matrix 0 only if every batch does.)
   const bool stack_rows = !transpose_a && !dims.a_broadcast && dims.batch_count > 1 &&
-                          (dims.batch.empty() || dims.BMatrix(dims.batch_count - 1) == 0);
+                          dims.BMatrix(dims.batch_count - 1) == 0;
   const int64_t M = stack_rows ? dims.M * dims.batch_count : dims.M;
   const int64_t gemms = stack_rows ? 1 : dims.batch_count;
   const int64_t a_stride_i = transpose_a ? 1 : K;  // element (i, k) of logical A

@@ -249,3 +249,33 @@ def test_einsum_operand_errors():
     with pytest.raises(tf.errors.InvalidArgumentError, match="batch dimensions"):
         tfaccum.accum_einsum("bij,bjk->bik", np.ones((2, 2, 3), np.float32),
                              np.ones((3, 3, 2), np.float32), cfg)
+
+
+def test_huge_and_empty_batches_never_crash():
+    """In a child process, so that a crash fails this test alone: empty tensors with huge
+    batch dimensions, an output whose size overflows int64, empty broadcasts."""
+    from isolated import run_snippets
+
+    cfg = "tfaccum.AccumConfig('e6m9')"
+    results = run_snippets({
+        "empty rows, huge batch": f"result = eager_and_graph(lambda a, b: "
+                                  f"tfaccum.accum_matmul(a, b, {cfg}), tf.zeros([2**40, 0, 3]),"
+                                  f" tf.zeros([3, 5]))",
+        "output overflows int64": f"result = eager_and_graph(lambda a, b: "
+                                  f"tfaccum.accum_matmul(a, b, {cfg}), "
+                                  f"tf.zeros([2**40, 3, 0]), tf.zeros([2**30, 1, 0, 2**40]))",
+        "zero batch against two": f"result = eager_and_graph(lambda a, b: "
+                                  f"tfaccum.accum_matmul(a, b, {cfg}), tf.zeros([0, 2, 3]), "
+                                  f"tf.zeros([2, 3, 4]))",
+        "zero batch broadcast": f"result = eager_and_graph(lambda a, b: "
+                                f"tfaccum.accum_matmul(a, b, {cfg}), tf.zeros([0, 1, 2, 3]), "
+                                f"tf.zeros([4, 3, 4]))",
+    })
+    for mode in ("eager", "graph"):
+        assert results["empty rows, huge batch"][mode] == {"shape": [2 ** 40, 0, 5]}
+        assert results["zero batch broadcast"][mode] == {"shape": [0, 4, 2, 4]}
+        big = results["output overflows int64"][mode]
+        assert big["error"] in ("InvalidArgumentError", "ValueError") and "too large" in \
+            big["message"], big
+        bad = results["zero batch against two"][mode]
+        assert "batch dimensions do not broadcast" in bad["message"], bad

@@ -70,6 +70,28 @@ def test_einsum_dense_matches_reference(equation, explicit, out_shape, bias, x_s
     assert_bit_equal(dk, rdk, "dkernel")
 
 
+def test_einsum_dense_full_precision_is_keras():
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((4, 6))
+    x = keras.layers.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="de",
+                                 activation="relu", name="proj")(inp)
+    x = keras.layers.EinsumDense("abde,de->ab", 4, name="contract2")(x)
+    x = keras.layers.EinsumDense("...b,bc->...c", 3, bias_axes="c", name="ellipsis")(x)
+    model = keras.Model(inp, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotEmulatedWarning)
+        new = tfaccum.rewrite(model, AccumPolicy())
+    assert {type(l).__name__ for l in new.layers[1:]} == {"AccumEinsumDense"}
+    rng = np.random.default_rng(2)
+    x, y = _rng_values(rng, (5, 4, 6)), _rng_values(rng, (5, 3))
+    np.testing.assert_allclose(new(x), model(x), rtol=1e-5, atol=1e-5)
+    for m in (model, new):
+        m.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        m.train_on_batch(x, y)
+    for a, b in zip(model.get_weights(), new.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # Attention: every product through the reference, on the operands the layer multiplies
 # --------------------------------------------------------------------------------------

@@ -285,8 +285,8 @@ def _draw_case(op, rng):
             fault = str(rng.choice(["k_mismatch", "rank", "accum"]))
             if fault == "k_mismatch":
                 (b_shape if rng.random() < 0.5 else a_shape)[1 if tb else 0] += 1
-            elif fault == "rank":
-                a_shape = a_shape + [1] if rng.random() < 0.5 else a_shape[:1]
+            elif fault == "rank":  # rank >= 3 is a batched matmul, so only fewer dims
+                a_shape = a_shape[:1] if rng.random() < 0.5 else []
             elif op == "raw_matmul":
                 _break_accum(rng, accum)
         case.update(a_shape=a_shape, b_shape=b_shape, transpose_a=ta, transpose_b=tb)
@@ -740,14 +740,15 @@ def expect(case, graph=False):
             if dtype != "float32":
                 return _python_error("must be float32", ("TypeError",))
             for label, s in (("a", a), ("b", b)):
-                if len(s) != 2:
-                    return _python_error(re.escape(f"{label} must be a matrix (rank 2)"))
+                if len(s) < 2:
+                    return _python_error(re.escape(
+                        f"{label} must be a matrix or a batch of matrices (rank >= 2)"))
 
         def shapes():
             for label, s in (("a", a), ("b", b)):
-                if len(s) != 2:
-                    return _error(re.escape(f"{label} must be a matrix (rank 2), got shape ")
-                                  + _dims(s))
+                if len(s) < 2:
+                    return _error(re.escape(f"{label} must be a matrix or a batch of matrices "
+                                            "(rank >= 2), got shape ") + _dims(s))
             m, k = (a[1], a[0]) if case["transpose_a"] else (a[0], a[1])
             k_b, n = (b[1], b[0]) if case["transpose_b"] else (b[0], b[1])
             if k != k_b:

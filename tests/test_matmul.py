@@ -411,8 +411,8 @@ def test_tf_function_and_unknown_batch_shape():
 def test_errors_are_clear():
     cfg = AccumConfig()
     a = np.ones((2, 3), np.float32)
-    with pytest.raises(ValueError, match="rank 2"):
-        tfaccum.accum_matmul(np.ones((2, 3, 4), np.float32), a, cfg)
+    with pytest.raises(ValueError, match=r"rank >= 2"):
+        tfaccum.accum_matmul(np.ones((3,), np.float32), a, cfg)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="[Dd]imensions"):
         tfaccum.accum_matmul(a, np.ones((4, 2), np.float32), cfg)
     with pytest.raises(TypeError, match="float32"):
@@ -426,7 +426,7 @@ def test_errors_are_clear():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="inner dimensions differ"):
         unknown_rank(a, np.ones((4, 2), np.float32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="rank 2"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"rank >= 2"):
         unknown_rank(np.ones((2,), np.float32), a)
 
 

@@ -21,7 +21,7 @@ def _trainable(model):
 
 
 def test_registry():
-    assert set(models.MODELS) == {"resnet32", "resnet18", "alexnet", "digits_cnn"}
+    assert set(models.MODELS) == {"resnet32", "resnet18", "alexnet", "digits_cnn", "vit_tiny"}
     assert models.get("resnet32") is models.resnet32
     with pytest.raises(ValueError, match="unknown model"):
         models.get("vgg16")

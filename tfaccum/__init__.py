@@ -31,7 +31,8 @@ from tfaccum.config import (  # noqa: F401
     as_format,
     as_policy,
 )
-from tfaccum.ops import accum_conv2d, accum_conv2d_transpose, accum_matmul, quantize  # noqa: F401
+from tfaccum.ops import (accum_conv2d, accum_conv2d_transpose, accum_einsum,  # noqa: F401
+                         accum_matmul, quantize)
 
 from tfaccum import layers  # noqa: E402,F401  (registers the layers with Keras, for loading)
 from tfaccum import presets  # noqa: E402,F401

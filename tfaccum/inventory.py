@@ -38,14 +38,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import keras
 
 from tfaccum.config import AccumPolicy
-from tfaccum.layers import TWINS
+from tfaccum.layers import ATTENTION, TWINS
+from tfaccum.ops import einsum_lengths
 
-__all__ = ["walk", "gemm_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
+__all__ = ["walk", "gemm_layers", "planned_layers", "SINGLE_GEMM", "emulated_layers", "call_shapes", "GemmLengths",
            "lengths", "gemm_rows", "layer_lengths", "gemm_lengths", "gemm_classes", "twin_class",
            "not_emulated_reason", "EMULATED"]
 
 #: The tfaccum layer classes: the layers whose GEMMs are emulated.
 EMULATED = tuple(TWINS.values())
+#: The Keras attention layers (and so their twins): GEMM sets from their projections.
+_ATTENTION_BASES = (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)
 
 
 # --------------------------------------------------------------------------------------
@@ -99,6 +102,15 @@ def gemm_layers(model) -> list:
     return [layer for layer, _ in walk(model) if isinstance(layer, SINGLE_GEMM)]
 
 
+def planned_layers(model) -> list:
+    """The layers :func:`tfaccum.analysis.predict` plans and the training driver rewrites,
+    in model order (descending into nested models): :func:`gemm_layers`, and every other
+    layer tfaccum emulates (separable convolutions, ``EinsumDense``, attention), whose
+    GEMM sets :func:`gemm_rows` lists."""
+    return [layer for layer, _ in walk(model)
+            if isinstance(layer, SINGLE_GEMM) or twin_class(layer) is not None]
+
+
 def emulated_layers(model, *, into_layers: bool = False) -> list:
     """The tfaccum layers of ``model`` (see :func:`walk` for ``into_layers``), in order."""
     return [layer for layer, _ in walk(model, into_layers=into_layers)
@@ -111,7 +123,7 @@ def gemm_classes() -> tuple:
              "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
              "SeparableConv1D", "SeparableConv2D", "SimpleRNN", "LSTM", "GRU",
              "SimpleRNNCell", "LSTMCell", "GRUCell", "ConvLSTM1D", "ConvLSTM2D",
-             "ConvLSTM3D", "MultiHeadAttention", "GroupedQueryAttention"]
+             "ConvLSTM3D", "MultiHeadAttention", "GroupQueryAttention"]
     return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
 
 
@@ -233,7 +245,16 @@ def gemm_rows(layer, input_shape: Sequence, output_shape: Sequence,
     Depthwise 1D/2D     ``K``            ``K*M``            ``B`` x output spatial size
     Separable 1D/2D     depthwise, then pointwise: ``Cin*M``, ``filters``, as depthwise
     Conv1D/2DTranspose  ``K*Cin``        ``K*filters``      ``B`` x *input* spatial size
+    EinsumDense         contracted       kernel's free      input's free (``B`` among them)
     ==================  ===============  =================  ===========================
+
+    An attention layer (``MultiHeadAttention``, ``GroupQueryAttention`` or their twins;
+    ``input_shape`` and ``output_shape`` are not used: the shapes its projections were
+    built for are) has a set per projection, named as Keras names the projection
+    (``query``, ``key``, ``value``, ``gate``, ``attention_output``: EinsumDense rows), and
+    the products of every head: ``attn/qk`` (FWD the head size, BWD the key sequence,
+    GRAD the query sequence) and ``attn/av`` (FWD the key sequence, BWD the value head
+    size, GRAD the query sequence), numerics §8.
     """
     input_shape, output_shape = tuple(input_shape), tuple(output_shape)
     batch = batch_size if batch_size is not None else input_shape[0]
@@ -266,13 +287,78 @@ def gemm_rows(layer, input_shape: Sequence, output_shape: Sequence,
     elif isinstance(layer, keras.layers.Dense):
         fwd = None if input_shape[-1] is None else int(input_shape[-1])
         sets.append(("", fwd, int(layer.units), _prod(input_shape[1:-1])))
+    elif isinstance(layer, keras.layers.EinsumDense):
+        return [_einsum_dense_row(layer, input_shape, batch, layer.name, "")]
+    elif isinstance(layer, _ATTENTION_BASES):
+        return _attention_rows(layer, batch)
     else:
-        raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not a Dense or "
-                        "convolution layer")
+        raise TypeError(f"layer {layer.name!r} is a {type(layer).__name__}, not a Dense, "
+                        "EinsumDense, attention or convolution layer")
     return [GemmLengths(layer.name, type(layer).__name__, input_shape, fwd, bwd,
                         _times(batch, per_example), per_example,
                         getattr(layer, "policy", None), gemm)
             for gemm, fwd, bwd, per_example in sets]
+
+
+def _einsum_dense_row(layer, input_shape: tuple, batch, name: str, gemm: str) -> GemmLengths:
+    """An EinsumDense's GEMM (numerics §8): FWD the contracted indices, BWD the kernel's
+    free ones, GRAD the input's free ones, whose first (the batch) is ``batch``."""
+    kernel_shape = tuple(layer.kernel.shape)
+    fwd, bwd, _, _ = einsum_lengths(layer.equation, input_shape, kernel_shape)
+    # GRAD per example: the same sum with a batch of one.
+    _, _, per_example, _ = einsum_lengths(layer.equation, (1,) + tuple(input_shape[1:]),
+                                          kernel_shape)
+    return GemmLengths(name, type(layer).__name__, tuple(input_shape), fwd, bwd,
+                       _times(batch, per_example), per_example,
+                       getattr(layer, "policy", None), gemm)
+
+
+def _built_input(sublayer) -> Optional[tuple]:
+    """The input shape a (built) sublayer was built for, or None."""
+    if not getattr(sublayer, "built", False):
+        return None
+    shape = (sublayer.get_build_config() or {}).get("input_shape")
+    return None if shape is None else tuple(shape)
+
+
+def _attention_rows(layer, batch) -> List[GemmLengths]:
+    """The GEMMs of an attention twin, from the shapes its projections were built for:
+    each projection (named as Keras names it: query, key, value, gate, attention_output),
+    then ``attn/qk`` and ``attn/av``, the products of every head (numerics §8)."""
+    projections = [sub for sub in (getattr(layer, "_query_dense", None),
+                                   getattr(layer, "_key_dense", None),
+                                   getattr(layer, "_value_dense", None),
+                                   getattr(layer, "_gate_dense", None))
+                   if sub is not None]
+    policy = getattr(layer, "policy", None)
+    if not projections or _built_input(projections[0]) is None:
+        return [GemmLengths(layer.name, type(layer).__name__, (), None, None, None, None,
+                            policy)]
+    rows = [_einsum_dense_row(sub, _built_input(sub), batch, layer.name, sub.name)
+            for sub in projections]
+    # The projections' outputs (their einsums' output shapes: Keras builds some with
+    # unknown sequence lengths), then the two products and the output projection.
+    q_in = _built_input(projections[0])
+    q, k, v = (einsum_lengths(sub.equation, _built_input(sub), tuple(sub.kernel.shape))[3]
+               for sub in projections[:3])
+    repeats = getattr(layer, "num_repeats", 1)  # GQA: K and V heads repeated per query head
+    if repeats != 1:
+        k = k[:2] + (k[2] * repeats,) + k[3:]
+        v = v[:2] + (v[2] * repeats,) + v[3:]
+    equation = layer._dot_product_equation
+    if twin_class(layer)._KEY_FIRST:  # the twin multiplies the query first
+        terms, out = equation.split("->")
+        equation = ",".join(reversed(terms.split(","))) + "->" + out
+    qk_fwd, qk_bwd, qk_grad, scores = einsum_lengths(equation, q, k)
+    av_fwd, av_bwd, av_grad, attended = einsum_lengths(layer._combine_equation, scores, v)
+    # Per-head products: their GRAD sums a sequence, not the batch.
+    rows.append(GemmLengths(layer.name, type(layer).__name__, q_in, qk_fwd, qk_bwd, qk_grad,
+                            None, policy, "attn/qk"))
+    rows.append(GemmLengths(layer.name, type(layer).__name__, q_in, av_fwd, av_bwd, av_grad,
+                            None, policy, "attn/av"))
+    out_dense = layer._output_dense
+    rows.append(_einsum_dense_row(out_dense, attended, batch, layer.name, out_dense.name))
+    return rows
 
 
 def layer_lengths(layer, input_shape: Sequence, output_shape: Sequence,
@@ -295,7 +381,13 @@ def gemm_lengths(model, batch_size: Optional[int] = None) -> List[GemmLengths]:
     on, in the model's layer order (nested layers included). ``batch_size`` overrides the
     batch dimension."""
     rows = []
-    for layer in emulated_layers(model, into_layers=True):
+    for layer, ancestors in walk(model, into_layers=True):
+        # An attention twin lists its projections (tfaccum sublayers) among its own rows.
+        if not isinstance(layer, EMULATED) or any(isinstance(a, ATTENTION) for a in ancestors):
+            continue
+        if isinstance(layer, ATTENTION):
+            rows.extend(gemm_rows(layer, (), (), batch_size))
+            continue
         shapes = call_shapes(layer)
         if not shapes:
             rows.append(GemmLengths(layer.name, type(layer).__name__, (), None, None, None,

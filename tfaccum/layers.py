@@ -5,7 +5,10 @@
 originals still holds) that compute their matrix products through ``tfaccum.accum_matmul``
 and ``tfaccum.accum_conv2d`` under an :class:`~tfaccum.AccumPolicy`; ``AccumConv1D``,
 ``AccumDepthwiseConv1D/2D``, ``AccumSeparableConv1D/2D`` and ``AccumConv1DTranspose/2DTranspose``
-do the same for the other Keras convolutions (``TWINS`` lists them all)::
+do the same for the other Keras convolutions, ``AccumEinsumDense`` for ``EinsumDense``
+(through ``tfaccum.accum_einsum``), and ``AccumMultiHeadAttention`` /
+``AccumGroupedQueryAttention`` for attention, projections and both attention products
+(``TWINS`` lists them all)::
 
     >>> import keras, tfaccum
     >>> policy = tfaccum.AccumPolicy(fwd=tfaccum.AccumConfig("e6m9", chunk_size=64))
@@ -67,13 +70,14 @@ import keras
 import tensorflow as tf
 
 from tfaccum.config import AccumPolicy
-from tfaccum.ops import accum_conv2d, accum_conv2d_transpose, accum_matmul
-from tfaccum.scope import PolicyLike, coerce_policy, register_twin
+from tfaccum.ops import accum_conv2d, accum_conv2d_transpose, accum_einsum, accum_matmul
+from tfaccum.scope import PolicyLike, accumulation_scope, coerce_policy, register_twin
 
 __all__ = ["AccumDense", "AccumConv2D", "AccumConv1D", "AccumDepthwiseConv2D",
            "AccumDepthwiseConv1D", "AccumSeparableConv2D", "AccumSeparableConv1D",
-           "AccumConv2DTranspose", "AccumConv1DTranspose", "coerce_policy", "set_step_counter",
-           "StepCounterWarning", "TWINS"]
+           "AccumConv2DTranspose", "AccumConv1DTranspose", "AccumEinsumDense",
+           "AccumMultiHeadAttention", "AccumGroupedQueryAttention", "ATTENTION",
+           "coerce_policy", "set_step_counter", "StepCounterWarning", "TWINS"]
 
 
 class StepCounterWarning(UserWarning):
@@ -487,6 +491,127 @@ class AccumConv1DTranspose(_AccumTranspose, keras.layers.Conv1DTranspose):
                + _AccumTranspose.__doc__)
 
 
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumEinsumDense(_AccumMixin, keras.layers.EinsumDense):
+    """``keras.layers.EinsumDense`` whose product ``einsum(equation, inputs, kernel)`` goes
+    through ``tfaccum.accum_einsum`` under ``policy`` (numerics §8): FWD sums the
+    contracted indices, BWD (``dx``) the kernel's free indices, GRAD (``dkernel``) the
+    input's free indices (the batch among them). ``"abc,cd->abd"`` is a ``Dense``:
+    FWD ``c``, BWD ``d``, GRAD ``a*b``."""
+
+    def __init__(self, equation, output_shape, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(equation, output_shape, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+    def call(self, inputs, training=None):
+        y = accum_einsum(self.equation, self._as_float32(inputs),
+                         self._as_float32(self.kernel), self._accum_policy,
+                         step=self._current_step(training))
+        if y.dtype != self.compute_dtype:
+            y = tf.cast(y, self.compute_dtype)
+        if self.bias is not None:
+            y = keras.ops.add(y, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+class _AttentionTwin(_AccumMixin):
+    """The two attention products of ``MultiHeadAttention`` / ``GroupedQueryAttention``
+    through ``tfaccum.accum_einsum``, and their projections as :class:`AccumEinsumDense`
+    layers, all under the layer's one policy and step (numerics §8):
+
+    * ``attn/qk``, the scores ``Q.K^T`` of each head: FWD sums the head size (``key_dim``
+      / ``head_dim``), BWD (``dq``) the key sequence, GRAD (``dk``) the query sequence;
+    * ``attn/av``, the output ``A.V`` of each head: FWD sums the key sequence, BWD (the
+      scores' gradient) ``value_dim``, GRAD (``dv``) the query sequence.
+
+    The query is the first operand of both (so ``dq`` and the scores' gradient take the
+    policy's ``bwd``, ``dk`` and ``dv`` its ``grad``). The query's scaling, the masks, the
+    softmax and the dropout are ordinary float32, as Keras computes them (its explicit
+    path: the fused ``dot_product_attention`` is not used)."""
+
+    #: the Keras dot-product equation lists the key first (MultiHeadAttention)
+    _KEY_FIRST = False
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        # Keras constructs the projections (EinsumDense) here: inside the scope they are
+        # AccumEinsumDense layers with this layer's policy. (Keras matches the argument
+        # names of build with those of call, so the signature is the originals'.)
+        with accumulation_scope(self._accum_policy):
+            super().build(query_shape, value_shape, key_shape)
+
+    @property
+    def policy(self) -> AccumPolicy:
+        """The AccumPolicy of the attention products and of the projections."""
+        return self._accum_policy
+
+    @policy.setter
+    def policy(self, value: PolicyLike):
+        _AccumMixin.policy.fset(self, value)
+        for sub in self._flatten_layers(include_self=False, recursive=True):
+            if isinstance(sub, _AccumMixin):
+                sub.policy = self._accum_policy
+
+    def _attention_einsum(self, equation, a, b, training):
+        dtype = a.dtype
+        y = accum_einsum(equation, self._as_float32(a), self._as_float32(b),
+                         self._accum_policy, step=self._current_step(training))
+        return y if y.dtype == dtype else tf.cast(y, dtype)
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None,
+                           return_attention_scores=False, use_causal_mask=False):
+        if use_causal_mask:  # Keras' call passes it only to its own _compute_attention
+            causal = self._compute_causal_mask(query, value)
+            attention_mask = causal if attention_mask is None else keras.ops.logical_and(
+                keras.ops.cast(attention_mask, "bool"), causal)
+        scale = getattr(self, "_inverse_sqrt_key_dim", None)
+        if scale is None:
+            scale = self._inverse_sqrt_head_dim
+        query = keras.ops.multiply(query, keras.ops.cast(scale, query.dtype))
+        equation = self._dot_product_equation
+        if self._KEY_FIRST:  # "key,query->scores" as "query,key->scores"
+            lhs, out = equation.split("->")
+            key_term, query_term = lhs.split(",")
+            equation = f"{query_term},{key_term}->{out}"
+        scores = self._attention_einsum(equation, query, key, training)
+        scores = self._masked_softmax(scores, attention_mask)
+        rate = getattr(self, "_dropout", None)
+        rate = self.dropout if rate is None else rate
+        dropped = self._dropout_layer(scores, training=training) if rate > 0.0 else scores
+        output = self._attention_einsum(self._combine_equation, dropped, value, training)
+        return output, scores
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumMultiHeadAttention(_AttentionTwin, keras.layers.MultiHeadAttention):
+    __doc__ = "``keras.layers.MultiHeadAttention`` through tfaccum. " + _AttentionTwin.__doc__
+    _KEY_FIRST = True
+
+    def __init__(self, num_heads, key_dim, *args, policy: Optional[PolicyLike] = None,
+                 **kwargs):
+        super().__init__(num_heads, key_dim, *args, **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+
+@keras.saving.register_keras_serializable(package="tfaccum")
+class AccumGroupedQueryAttention(_AttentionTwin, keras.layers.GroupQueryAttention):
+    __doc__ = ("``keras.layers.GroupQueryAttention`` through tfaccum. Keras repeats each "
+               "key/value head for its query heads, so a shared head's gradient is the "
+               "float32 sum of theirs (outside the emulation, like a broadcast operand's, "
+               "numerics §8). " + _AttentionTwin.__doc__)
+
+    def __init__(self, head_dim, num_query_heads, num_key_value_heads, *args,
+                 policy: Optional[PolicyLike] = None, **kwargs):
+        super().__init__(head_dim, num_query_heads, num_key_value_heads, *args,
+                         **self._keras_default_name(kwargs))
+        self._init_accum(policy)
+
+
+#: The attention twins (layers whose projections are tfaccum sublayers).
+ATTENTION = (AccumMultiHeadAttention, AccumGroupedQueryAttention)
+
 #: The exact Keras class each tfaccum layer stands in for.
 TWINS = {
     keras.layers.Dense: AccumDense,
@@ -498,6 +623,9 @@ TWINS = {
     keras.layers.SeparableConv1D: AccumSeparableConv1D,
     keras.layers.Conv2DTranspose: AccumConv2DTranspose,
     keras.layers.Conv1DTranspose: AccumConv1DTranspose,
+    keras.layers.EinsumDense: AccumEinsumDense,
+    keras.layers.MultiHeadAttention: AccumMultiHeadAttention,
+    keras.layers.GroupQueryAttention: AccumGroupedQueryAttention,
 }
 for _base, _twin in TWINS.items():  # what tfaccum.accumulation_scope constructs instead
     register_twin(_base, _twin)

@@ -25,10 +25,10 @@ Selecting layers (``layers=`` and ``exclude=`` of :func:`rewrite`):
 * a callable ``f(layer) -> bool``, called on each ``Dense``/``Conv2D``.
 
 Only the exact Keras classes of ``tfaccum.layers.TWINS`` (``Dense``, ``Conv1D``,
-``Conv2D``, ``DepthwiseConv1D/2D``, ``SeparableConv1D/2D``, ``Conv1DTranspose/2DTranspose``;
-not subclasses of them), and tfaccum layers (whose policy is then replaced), are
-rewritten. Other layers that compute GEMMs (``Conv3D``, ``EinsumDense``,
-``MultiHeadAttention``, recurrent layers,
+``Conv2D``, ``DepthwiseConv1D/2D``, ``SeparableConv1D/2D``, ``Conv1DTranspose/2DTranspose``,
+``EinsumDense``, ``MultiHeadAttention``, ``GroupQueryAttention``; not subclasses of them),
+and tfaccum layers (whose policy is then replaced), are rewritten. Other layers that
+compute GEMMs (``Conv3D``, recurrent layers,
 wrappers such as ``TimeDistributed(Dense)``, subclasses of ``Dense``/``Conv2D``) keep
 ordinary float32 GEMMs: :func:`rewrite` lists them in a :class:`NotEmulatedWarning`
 and in ``new_model.tfaccum_report``, and :func:`tfaccum.summary` lists them under its
@@ -252,7 +252,8 @@ def _rewrite(model, policy_or_plan, layers, exclude, stacklevel):
                 raise ValueError(
                     f"{argname} names layer {name!r}, a {type(layer).__name__}: tfaccum "
                     "emulates only the Keras layers of tfaccum.layers.TWINS (Dense and the "
-                    "1-D/2-D, depthwise, separable and transposed convolutions)")
+                    "1-D/2-D, depthwise, separable and transposed convolutions, EinsumDense and "
+                    "attention)")
 
     if include is not None:
         check_explicit(include.names, "layers=")

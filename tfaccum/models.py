@@ -32,6 +32,12 @@ builder        default input       architecture
                                    dropout 0.5. Needs inputs of at least 64x64.
 ``digits_cnn`` (8, 8, 1), 10       A small CNN for scikit-learn's 8x8 digits: conv 3x3 32,
                                    conv 3x3 64, 2x2 max pool, dense 128, dense classes.
+``vit_tiny``   (8, 8, 1), 10       A ViT-style encoder for the digits: 2x2 patches as 16
+                                   tokens (a 2x2/2 conv, width 32, plus learned positions),
+                                   two pre-norm blocks of multi-head attention (4 heads of
+                                   8) and an MLP (64, GELU), average over tokens, layer
+                                   norm, dense classes. Its attention products sum 8 (QKᵀ,
+                                   the head size) and 16 (AV, the tokens) products.
 =============  ==================  ===========================================================
 
 Common keyword arguments: ``classifier_activation`` (``"softmax"`` by default as in
@@ -47,7 +53,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import keras
 from keras import layers
 
-__all__ = ["resnet32", "resnet18", "alexnet", "digits_cnn", "MODELS", "get"]
+__all__ = ["resnet32", "resnet18", "alexnet", "digits_cnn", "vit_tiny", "PositionEmbedding",
+           "MODELS", "get"]
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -203,12 +210,72 @@ def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), classes: int = 10, *,
     return keras.Model(inputs, outputs, name=name)
 
 
+@keras.saving.register_keras_serializable(package="tfaccum")
+class PositionEmbedding(layers.Layer):
+    """Adds a learned vector per token position to ``[batch, tokens, width]`` inputs (no
+    GEMM: an elementwise float32 addition)."""
+
+    def build(self, input_shape):
+        self.positions = self.add_weight(
+            shape=tuple(input_shape[1:]), name="positions",
+            initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def call(self, inputs):
+        return inputs + keras.ops.cast(self.positions, inputs.dtype)
+
+
+def vit_tiny(input_shape: Sequence[int] = (8, 8, 1), classes: int = 10, *,
+             patch_size: int = 2, width: int = 32, heads: int = 4, blocks: int = 2,
+             mlp_units: int = 64, classifier_activation: Optional[str] = "softmax",
+             weight_decay: float = 0.0, name: str = "vit_tiny") -> keras.Model:
+    """A small vision transformer for the 8x8 digits: ``patch_embed`` (a ``patch_size``
+    convolution of stride ``patch_size``, ``width`` channels) makes one token per patch,
+    ``positions`` adds learned position vectors, then ``blocks`` pre-norm encoder blocks
+    ``block<i>_attn`` (``keras.layers.MultiHeadAttention``, ``heads`` heads of
+    ``width / heads``) and ``block<i>_mlp1``/``_mlp2`` (GELU), each with a residual; the
+    tokens are averaged, normalized and classified by ``predictions``. Every GEMM is a
+    Conv2D, Dense, EinsumDense or attention product: :func:`tfaccum.rewrite` emulates all
+    of them. The defaults train the emulated tightness experiment in minutes on two CPU
+    cores."""
+    shape, classes = _check_common(input_shape, classes)
+    for label, value in (("patch_size", patch_size), ("width", width), ("heads", heads),
+                         ("blocks", blocks), ("mlp_units", mlp_units)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+    if shape[0] % patch_size or shape[1] % patch_size:
+        raise ValueError(f"patch_size {patch_size} does not divide the image {shape[:2]}")
+    if width % heads:
+        raise ValueError(f"width {width} does not split into {heads} heads")
+    reg = _regularizer(weight_decay)
+    tokens = (shape[0] // patch_size) * (shape[1] // patch_size)
+    inputs = keras.Input(shape=shape, name="image")
+    x = layers.Conv2D(width, patch_size, strides=patch_size, kernel_regularizer=reg,
+                      name="patch_embed")(inputs)
+    x = layers.Reshape((tokens, width), name="tokens")(x)
+    x = PositionEmbedding(name="positions")(x)
+    for i in range(1, blocks + 1):
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm1")(x)
+        y = layers.MultiHeadAttention(heads, width // heads, kernel_regularizer=reg,
+                                      name=f"block{i}_attn")(y, y)
+        x = layers.Add(name=f"block{i}_add1")([x, y])
+        y = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm2")(x)
+        y = layers.Dense(mlp_units, activation="gelu", kernel_regularizer=reg,
+                         name=f"block{i}_mlp1")(y)
+        y = layers.Dense(width, kernel_regularizer=reg, name=f"block{i}_mlp2")(y)
+        x = layers.Add(name=f"block{i}_add2")([x, y])
+    x = layers.GlobalAveragePooling1D(name="pool")(x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="norm")(x)
+    outputs = _classifier(x, classes, classifier_activation, reg)
+    return keras.Model(inputs, outputs, name=name)
+
+
 #: Builders by name (the ``--model`` flag values of ``python -m tfaccum.analysis`` and the driver).
 MODELS: Dict[str, Callable[..., keras.Model]] = {
     "resnet32": resnet32,
     "resnet18": resnet18,
     "alexnet": alexnet,
     "digits_cnn": digits_cnn,
+    "vit_tiny": vit_tiny,
 }
 
 

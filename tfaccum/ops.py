@@ -179,8 +179,9 @@ def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = Fal
     """``a·b`` (or with transposed operands) with rounded accumulation.
 
     Args:
-      a: float32 ``[M, K]`` (``[K, M]`` if ``transpose_a``).
-      b: float32 ``[K, N]`` (``[N, K]`` if ``transpose_b``).
+      a: float32 ``[..., M, K]`` (``[..., K, M]`` if ``transpose_a``).
+      b: float32 ``[..., K, N]`` (``[..., N, K]`` if ``transpose_b``). Dimensions before
+        the last two are batch dimensions, broadcast as ``tf.matmul`` broadcasts them.
       config_or_policy: an AccumConfig (used for all three training GEMMs) or an
         AccumPolicy (``fwd`` here; ``bwd`` for ``da = dy·bᵀ``; ``grad`` for
         ``db = aᵀ·dy``; ``operands`` rounds each GEMM's inputs first).
@@ -188,17 +189,37 @@ def accum_matmul(a, b, config_or_policy: ConfigOrPolicy, transpose_a: bool = Fal
         gradients draw from (numerics §4): an int >= 0, or an integer scalar tensor or
         variable such as the optimizer's ``iterations``. Irrelevant to other roundings.
 
-    Returns: float32 ``[M, N]``; ``y[i, j]`` sums ``k = 0..K-1`` in order.
+    Returns: float32 ``[..., M, N]``; ``y[..., i, j]`` sums ``k = 0..K-1`` in order, and
+    its stochastic element index is its flat index in the whole (batched) ``y``. The
+    gradient of an operand whose batch dimensions were broadcast adds the emulated
+    gradients of the matrices that share it in float32 (numerics §5, batched matmul).
     """
     policy = as_policy(config_or_policy)
     step = _step_input(step)
     a = _check_float32("a", a)
     b = _check_float32("b", b)
     for label, t in (("a", a), ("b", b)):
-        if t.shape.rank is not None and t.shape.rank != 2:
-            raise ValueError(f"{label} must be a matrix (rank 2), got shape {t.shape}")
+        if t.shape.rank is not None and t.shape.rank < 2:
+            raise ValueError(f"{label} must be a matrix or a batch of matrices (rank >= 2), "
+                             f"got shape {t.shape}")
     a, b = _quantize_operands(policy, a, b)
     return _raw_matmul(a, b, step, policy.fwd, policy, transpose_a, transpose_b, name=name)
+
+
+def _sum_to_operand(grad, operand):
+    """``grad`` (batch dimensions of the whole output) summed over the batch dimensions
+    along which ``operand`` was broadcast, in float32 (``tf.reduce_sum``): outside the
+    emulated accumulation, as numerics §8 states. Unchanged when nothing was broadcast."""
+    if (grad.shape.rank == 2 and operand.shape.rank == 2) or (
+            grad.shape.is_fully_defined() and operand.shape.is_fully_defined()
+            and grad.shape[:-2] == operand.shape[:-2]):
+        return grad
+    operand_shape = tf.shape(operand, out_type=tf.int64)
+    # The axes of the gradient's batch (the output's) that the operand lacks or has as 1.
+    axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=operand_shape[:-2],
+                                               s1=tf.shape(grad, out_type=tf.int64)[:-2])
+    summed = tf.reduce_sum(grad, axis=axes)
+    return tf.reshape(summed, operand_shape)
 
 
 @tf.RegisterGradient("TfaccumMatMul")
@@ -206,7 +227,9 @@ def _matmul_grad(op, dy):
     """da = dy·Bᵀ (summed over N, ``bwd``); db = Aᵀ·dy (summed over M, ``grad``).
 
     Each gradient is produced directly in its operand's stored layout by choosing the
-    transposes, so the element index of the generator is the flat index of da / db.
+    transposes, so the element index of the generator is the flat index of da / db (for a
+    batched product, of the per-matrix gradients of the whole output's batch, before the
+    float32 sum over any dimension an operand was broadcast along).
     """
     policy = _policy_of(op)
     a, b, step = op.inputs
@@ -222,7 +245,169 @@ def _matmul_grad(op, dy):
     else:    # db [K, N] = Aᵀ·dy
         db = _raw_matmul(a, dy_q, step, policy.grad, policy, transpose_a=not ta,
                          transpose_b=False)
-    return da, db, None
+    return _sum_to_operand(da, a), _sum_to_operand(db, b), None
+
+
+# --- einsum ----------------------------------------------------------------------------
+
+def _einsum_plan(equation: str):
+    """(term of a, term of b, output, batch, contracted, free of a, free of b) of a
+    two-operand einsum that is one batched matmul (numerics §8), or ValueError naming what
+    makes it something else."""
+    if not isinstance(equation, str):
+        raise TypeError(f"equation must be a str, got {type(equation).__name__}")
+    eq = equation.replace(" ", "")
+    bad = f"accum_einsum cannot express {equation!r}: "
+    if "." in eq:
+        raise ValueError(bad + "ellipsis ('...') needs operands of known rank")
+    if eq.count("->") != 1:
+        raise ValueError(bad + "it needs exactly one explicit output ('->')")
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        raise ValueError(bad + f"it has {len(terms)} operand(s); accum_einsum takes two")
+    for what, term in (("operand 1", terms[0]), ("operand 2", terms[1]), ("the output", out)):
+        if not all(c.isascii() and c.isalpha() for c in term):
+            raise ValueError(bad + f"{what} {term!r} has a character that is not a letter")
+        repeated = sorted({c for c in term if term.count(c) > 1})
+        if repeated:
+            raise ValueError(bad + f"index {repeated[0]!r} repeats in {what} (a diagonal or "
+                             "trace is not a product of the two operands)")
+    ta, tb = terms
+    for c in out:
+        if c not in ta and c not in tb:
+            raise ValueError(bad + f"output index {c!r} is in neither operand")
+    for number, (term, other) in enumerate(((ta, tb), (tb, ta)), 1):
+        lone = [c for c in term if c not in other and c not in out]
+        if lone:
+            raise ValueError(bad + f"index {lone[0]!r} of operand {number} is summed over "
+                             "that operand alone, which is not a product with the other "
+                             "operand; reduce it first (tf.reduce_sum)")
+    batch = [c for c in out if c in ta and c in tb]
+    contracted = [c for c in ta if c in tb and c not in out]
+    free_a = [c for c in out if c in ta and c not in tb]
+    free_b = [c for c in out if c in tb and c not in ta]
+    return ta, tb, out, batch, contracted, free_a, free_b
+
+
+def _expand_ellipsis(equation: str, ranks) -> str:
+    """``equation`` with each ``...`` replaced by letters it does not use, one per
+    dimension the operand's rank (``ranks``: a's, b's) leaves to it, aligned on the right
+    across the terms as broadcasting aligns them (NumPy's and tf.einsum's rule)."""
+    eq = equation.replace(" ", "")
+    if "..." not in eq or eq.count("->") != 1:
+        return equation  # _einsum_plan names the problem
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or None in ranks:
+        return equation
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in eq]
+    widths = [rank - (len(term) - 3) if "..." in term else 0
+              for term, rank in zip(terms, ranks)]
+    width = max(widths)
+    if min(widths) < 0 or width > len(spare):
+        return equation
+    letters = "".join(spare[:width])
+    terms = [t.replace("...", letters[width - w:]) for t, w in zip(terms, widths)]
+    return f"{terms[0]},{terms[1]}->{out.replace('...', letters)}"
+
+
+def _dims(t) -> list:
+    """t's dimensions: the static ones as ints, the others as int32 scalar tensors."""
+    dynamic = None
+    dims = []
+    for i, d in enumerate(t.shape):
+        if d is None:
+            dynamic = tf.shape(t) if dynamic is None else dynamic
+            d = dynamic[i]
+        dims.append(d)
+    return dims
+
+
+def _product(dims) -> object:
+    out = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def einsum_lengths(equation: str, a_shape, b_shape):
+    """``(fwd, bwd, grad, output_shape)`` of :func:`accum_einsum` on operands of these
+    shapes (numerics §8): the products each output, each element of ``da`` and each
+    element of ``db`` sums (the sizes of the contracted indices, of b's free indices, of
+    a's free indices). A length or an output dimension set by an unknown (None) size is
+    None."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    equation = _expand_ellipsis(equation, (len(a_shape), len(b_shape)))
+    ta, tb, out, _, contracted, free_a, free_b = _einsum_plan(equation)
+    sizes = {}
+    for term, shape in ((tb, b_shape), (ta, a_shape)):  # a's sizes win (b may broadcast)
+        if len(term) != len(shape):
+            raise ValueError(f"einsum {equation!r}: shape {shape} does not have the "
+                             f"{len(term)} dimensions of {term!r}")
+        sizes.update((c, None if d is None else int(d)) for c, d in zip(term, shape))
+
+    def length(indices):
+        dims = [sizes[c] for c in indices]
+        return None if None in dims else int(np.prod(dims, dtype=np.int64))
+
+    return (length(contracted), length(free_b), length(free_a),
+            tuple(sizes[c] for c in out))
+
+
+def accum_einsum(equation: str, a, b, config_or_policy: ConfigOrPolicy, step=0,
+                 name=None) -> tf.Tensor:
+    """The two-operand ``tf.einsum(equation, a, b)`` as one :func:`accum_matmul`.
+
+    The indices of ``equation`` (letters, no ellipsis, explicit ``->``) fall in four
+    groups: *batch* (in both operands and the output), *contracted* (in both operands,
+    not in the output), *free* of ``a`` or of ``b`` (in one operand and the output). The
+    operands are transposed and reshaped to ``a [batch..., free_a, contracted]`` and
+    ``b [batch..., contracted, free_b]`` (each group flattened) and multiplied:
+
+    * every output sums the products over its contracted indices, row-major in the order
+      they appear in ``a``'s term (length: the product of their sizes);
+    * its stochastic element is its flat index in the layout (batch, free of a, free of
+      b), each group in output order; the result is then transposed to ``equation``'s
+      output order;
+    * ``da`` (``bwd``) sums over b's free indices, ``db`` (``grad``) over a's (numerics §8).
+
+    An ellipsis (``...``, operands of known rank) stands for unused letters, one per
+    dimension it covers, aligned on the right as broadcasting aligns them.
+
+    ``ValueError`` for an equation this cannot express: an index repeated within one
+    term, an index summed over one operand alone, an output index in neither operand, an
+    ellipsis on an operand of unknown rank, or a number of operands other than two. Batch
+    indices broadcast (size 1) as in :func:`accum_matmul`.
+    """
+    a = _check_float32("a", a)
+    b = _check_float32("b", b)
+    equation = _expand_ellipsis(equation, (a.shape.rank, b.shape.rank))
+    ta, tb, out, batch, contracted, free_a, free_b = _einsum_plan(equation)
+    for label, term, t in (("a", ta, a), ("b", tb, b)):
+        if t.shape.rank is not None and t.shape.rank != len(term):
+            raise ValueError(f"accum_einsum {equation!r}: {label} has shape {t.shape}, "
+                             f"which does not have the {len(term)} dimensions of {term!r}")
+    for c in contracted:
+        na, nb = a.shape[ta.index(c)], b.shape[tb.index(c)]
+        if na is not None and nb is not None and na != nb:
+            raise ValueError(f"accum_einsum {equation!r}: contracted index {c!r} has size "
+                             f"{na} in a and {nb} in b")
+    a = tf.transpose(a, [ta.index(c) for c in batch + free_a + contracted])
+    b = tf.transpose(b, [tb.index(c) for c in batch + contracted + free_b])
+    a_dims, b_dims = _dims(a), _dims(b)
+    n_batch = len(batch)
+    a_free, a_k = a_dims[n_batch:n_batch + len(free_a)], a_dims[n_batch + len(free_a):]
+    b_k, b_free = b_dims[n_batch:n_batch + len(contracted)], b_dims[n_batch + len(contracted):]
+    a = tf.reshape(a, a_dims[:n_batch] + [_product(a_free), _product(a_k)])
+    b = tf.reshape(b, b_dims[:n_batch] + [_product(b_k), _product(b_free)])
+    y = accum_matmul(a, b, config_or_policy, step=step)
+    y = tf.reshape(y, _dims(y)[:n_batch] + a_free + b_free)
+    layout = batch + free_a + free_b
+    perm = [layout.index(c) for c in out]
+    if perm != list(range(len(perm))):
+        y = tf.transpose(y, perm)
+    return tf.identity(y, name=name) if name else y
 
 
 # --- conv2d -----------------------------------------------------------------------------
@@ -445,5 +630,5 @@ def _conv2d_backprop_filter_grad(op, ddw):
     return d_x, None, d_dy, None
 
 
-__all__ = ["quantize", "accum_matmul", "accum_conv2d", "accum_conv2d_transpose",
+__all__ = ["quantize", "accum_matmul", "accum_einsum", "einsum_lengths", "accum_conv2d", "accum_conv2d_transpose",
            "load_library", "AccumConfig", "AccumPolicy", "FloatFormat"]

@@ -145,6 +145,10 @@ __all__ = [
     "conv2d_backprop_filter",
     "conv2d_grads",
     "conv2d_geometry",
+    "batched_matmul",
+    "batched_matmul_grads",
+    "einsum",
+    "einsum_grads",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -877,3 +881,171 @@ def conv2d_transpose_grads(x, w, dy, policy, strides=(1, 1), padding="SAME",
                 padding, dilations, step)
     dw = conv2d_backprop_filter(dy32, w32.shape, x, policy, strides, padding, dilations, step)
     return dx, dw
+
+
+# =====================================================================================
+# Batched matmul and two-operand einsum (numerics §8)
+#
+# A batched matmul is one 2-D matmul per matrix of the output, its stochastic elements
+# offset to their flat index in the whole output; an einsum is one batched matmul of its
+# operands transposed and reshaped, so each of its outputs is one dot product over the
+# contracted indices. Written straight from numerics §8, sharing nothing with
+# tfaccum.ops' transposes and reshapes.
+# =====================================================================================
+def _batch_shape(a_batch: tuple, b_batch: tuple) -> tuple:
+    try:
+        return tuple(np.broadcast_shapes(tuple(a_batch), tuple(b_batch)))
+    except ValueError:
+        raise ValueError(f"batched matmul: batch dimensions {a_batch} and {b_batch} do not "
+                         "broadcast") from None
+
+
+def _batch_operand(x: np.ndarray, batch: tuple, index: tuple) -> np.ndarray:
+    """The matrix of ``x`` (batch dimensions right-aligned, size 1 repeated) that output
+    batch ``index`` reads."""
+    lead = len(batch) - (x.ndim - 2)
+    return x[tuple(0 if x.shape[d - lead] == 1 else index[d]
+                   for d in range(lead, len(batch)))]
+
+
+def batched_matmul(a, b, config, transpose_a: bool = False, transpose_b: bool = False,
+                   step: int = 0) -> np.ndarray:
+    """``y[..., :, :] = op(a[..., :, :]) · op(b[..., :, :])`` with the batch dimensions
+    (all but the last two) broadcast as ``tf.matmul``'s. Matrix ``g`` of ``y`` (its flat
+    batch index) is :func:`matmul` of its operands' matrices with every stochastic element
+    offset by ``g·M·N``: the flat index of the output in the whole ``y``."""
+    step = _check_step(step)
+    config, operands = _split_policy(config, "fwd")
+    a = _exact_array(_quantize_operand(_as_f32(a), operands))
+    b = _exact_array(_quantize_operand(_as_f32(b), operands))
+    batch = _batch_shape(a.shape[:-2], b.shape[:-2])
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    y = np.empty(batch + (m, n), np.float32)
+    for g, index in enumerate(np.ndindex(*batch)):
+        a_g, b_g = _batch_operand(a, batch, index), _batch_operand(b, batch, index)
+        y[index] = _matmul_logical(a_g.T if transpose_a else a_g, b_g.T if transpose_b else b_g,
+                                   config, lambda i, j, g=g: (g * m + i) * n + j, step)
+    return y
+
+
+def _sum_broadcast(grads: np.ndarray, shape: tuple) -> np.ndarray:
+    """Per-output-matrix gradients summed (float32) over the batch dimensions along which
+    an operand of ``shape`` was broadcast."""
+    lead = grads.ndim - len(shape)
+    out = grads.sum(axis=tuple(range(lead)), dtype=np.float32) if lead else grads
+    axes = tuple(d for d in range(len(shape) - 2) if shape[d] == 1 and out.shape[d] != 1)
+    return out.sum(axis=axes, keepdims=True, dtype=np.float32) if axes else out
+
+
+def batched_matmul_grads(a, b, dy, policy, transpose_a: bool = False,
+                         transpose_b: bool = False, step: int = 0):
+    """``(da, db)`` of :func:`batched_matmul`: for every output matrix ``g``, the
+    :func:`matmul_grads` GEMMs of its operands' matrices (``da`` under ``policy.bwd``
+    summed over ``N``, ``db`` under ``policy.grad`` summed over ``M``), with stochastic
+    elements at their flat index in the batch of per-output gradients (``g·M·K`` +
+    the index in the stored ``da`` matrix, likewise ``db``). An operand broadcast along a
+    batch dimension gets those per-output gradients summed in float32 (order unspecified
+    by tfaccum for more than two terms)."""
+    policy = _as_policy(policy)
+    step = _check_step(step)
+    a32, b32 = _as_f32(a), _as_f32(b)
+    a_ex = _exact_array(_quantize_operand(a32, policy.operands))
+    b_ex = _exact_array(_quantize_operand(b32, policy.operands))
+    dy_ex = _exact_array(_quantize_operand(_as_f32(dy), policy.operands))
+    batch = _batch_shape(a32.shape[:-2], b32.shape[:-2])
+    a_mat, b_mat = a32.shape[-2:], b32.shape[-2:]  # stored shapes of one matrix
+    da = np.empty(batch + a_mat, np.float32)
+    db = np.empty(batch + b_mat, np.float32)
+    for g, index in enumerate(np.ndindex(*batch)):
+        a_g, b_g = _batch_operand(a_ex, batch, index), _batch_operand(b_ex, batch, index)
+        a_l = a_g.T if transpose_a else a_g  # [M, K]
+        b_l = b_g.T if transpose_b else b_g  # [K, N]
+        (m, k_dim), n = a_l.shape, b_l.shape[1]
+        da_off, db_off = g * m * k_dim, g * k_dim * n
+        da_element = ((lambda i, k: da_off + k * m + i) if transpose_a
+                      else (lambda i, k: da_off + i * k_dim + k))
+        db_element = ((lambda k, j: db_off + j * k_dim + k) if transpose_b
+                      else (lambda k, j: db_off + k * n + j))
+        da_g = _matmul_logical(dy_ex[index], b_l.T, policy.bwd, da_element, step)
+        db_g = _matmul_logical(a_l.T, dy_ex[index], policy.grad, db_element, step)
+        da[index] = da_g.T if transpose_a else da_g
+        db[index] = db_g.T if transpose_b else db_g
+    return _sum_broadcast(da, a32.shape), _sum_broadcast(db, b32.shape)
+
+
+def _einsum_roles(equation: str):
+    """(terms of a and b, output, batch, contracted, free of a, free of b) of a
+    two-operand einsum, as numerics §8 names them."""
+    lhs, out = equation.replace(" ", "").split("->")
+    ta, tb = lhs.split(",")
+    batch = [c for c in out if c in ta and c in tb]
+    contracted = [c for c in ta if c in tb and c not in out]  # in a's order
+    free_a = [c for c in out if c in ta and c not in tb]
+    free_b = [c for c in out if c in tb and c not in ta]
+    return ta, tb, out, batch, contracted, free_a, free_b
+
+
+def _einsum_gemm(layout, summed, sizes, factors, config, step):
+    """An array over the indices ``layout`` (row-major) whose element at flat index ``e``
+    sums, over the indices ``summed`` row-major, the products of ``factors`` (each an
+    (exact array, its index term)); element ``e`` draws as output ``e``."""
+    shape = tuple(sizes[c] for c in layout)
+    out = np.empty(shape, np.float32)
+    for e, index in enumerate(np.ndindex(*shape)):
+        at = dict(zip(layout, index))
+        products = []
+        for k in np.ndindex(*(sizes[c] for c in summed)):
+            at.update(zip(summed, k))
+            (x, tx), (y, ty) = factors
+            products.append(_mul(x[tuple(at[c] for c in tx)], y[tuple(at[c] for c in ty)]))
+        out[index] = _accumulate(products, config, e, step)
+    return out
+
+
+def _einsum_sizes(terms_and_arrays) -> dict:
+    sizes = {}
+    for term, x in terms_and_arrays:
+        for c, n in zip(term, x.shape):
+            if sizes.setdefault(c, n) != n:
+                raise ValueError(f"einsum: index {c!r} has sizes {sizes[c]} and {n}")
+    return sizes
+
+
+def einsum(equation: str, a, b, policy, step: int = 0) -> np.ndarray:
+    """The two-operand einsum ``equation`` (no ellipsis) of ``accum_einsum``: every output
+    sums, in order, the products over its contracted indices (those of both operands not
+    in the output) row-major in the order they appear in ``a``'s term, under
+    ``policy.fwd``. Its stochastic element is its flat index in the layout (batch indices,
+    free indices of a, free indices of b), each group in output order."""
+    step = _check_step(step)
+    config, operands = _split_policy(policy, "fwd")
+    a = _exact_array(_quantize_operand(_as_f32(a), operands))
+    b = _exact_array(_quantize_operand(_as_f32(b), operands))
+    ta, tb, out, batch, contracted, free_a, free_b = _einsum_roles(equation)
+    sizes = _einsum_sizes([(ta, a), (tb, b)])
+    layout = batch + free_a + free_b
+    y = _einsum_gemm(layout, contracted, sizes, ((a, ta), (b, tb)), config, step)
+    return y.transpose([layout.index(c) for c in out])
+
+
+def einsum_grads(equation: str, a, b, dy, policy, step: int = 0):
+    """``(da, db)`` of :func:`einsum` for the upstream gradient ``dy`` (shaped as the
+    output). ``da`` (``policy.bwd``) sums, over the free indices of b in output order, the
+    products ``dy · b``; its stochastic element is the flat index in the layout (batch,
+    free of a, contracted). ``db`` (``policy.grad``) sums over the free indices of a in
+    output order the products ``a · dy``; layout (batch, contracted, free of b). Each is
+    returned in its operand's own index order."""
+    policy = _as_policy(policy)
+    step = _check_step(step)
+    a = _exact_array(_quantize_operand(_as_f32(a), policy.operands))
+    b = _exact_array(_quantize_operand(_as_f32(b), policy.operands))
+    dy = _exact_array(_quantize_operand(_as_f32(dy), policy.operands))
+    ta, tb, out, batch, contracted, free_a, free_b = _einsum_roles(equation)
+    sizes = _einsum_sizes([(ta, a), (tb, b), (out, dy)])
+    da_layout = batch + free_a + contracted
+    da = _einsum_gemm(da_layout, free_b, sizes, ((dy, out), (b, tb)), policy.bwd, step)
+    db_layout = batch + contracted + free_b
+    db = _einsum_gemm(db_layout, free_a, sizes, ((a, ta), (dy, out)), policy.grad, step)
+    return (da.transpose([da_layout.index(c) for c in ta]),
+            db.transpose([db_layout.index(c) for c in tb]))

@@ -122,7 +122,8 @@ def accumulation_scope(policy: Union[AccumPolicy, AccumConfig]):
     """Inside this context every ``keras.layers.Dense``/``Conv2D`` constructed is a tfaccum
     layer (``AccumDense``/``AccumConv2D``) with ``policy``; so is every other Keras class
     that has a twin in ``tfaccum.layers.TWINS`` (the 1-D, depthwise, separable and
-    transposed convolutions).
+    transposed convolutions, ``EinsumDense``, ``MultiHeadAttention``,
+    ``GroupQueryAttention``).
 
     This is the way to emulate a subclassed model, which :func:`tfaccum.rewrite` cannot
     clone::

@@ -135,9 +135,10 @@ extern "C" {
 
 int tfaccum_cuda_matmul(const float* a, const float* b, float* c, int64_t M, int64_t N,
                         int64_t K, int32_t transpose_a, int32_t transpose_b,
-                        const AccumParams* params, CUstream_st* stream) {
+                        uint64_t element_offset, const AccumParams* params, CUstream_st* stream) {
   namespace tc = tfaccum::cuda;
-  return tc::launch_gemm(tc::matmul_desc(a, b, c, M, N, K, transpose_a != 0, transpose_b != 0),
+  return tc::launch_gemm(tc::matmul_desc(a, b, c, M, N, K, transpose_a != 0, transpose_b != 0,
+                                         element_offset),
                          params, stream);
 }
 

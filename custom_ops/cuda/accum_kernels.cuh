@@ -6,9 +6,10 @@
 // reference on machines without a GPU.
 //
 // Every op is a GEMM C[M, N] = A[M, K] . B[K, N] whose output element (i, j) is stored at
-// c[i * N + j]; its stochastic element index is element_index(P, N) of rounding.h:
-// i * N + j, or, for one group of a grouped convolution, the flat index in the whole
-// output (the CPU engine's convention, AccumulateGemm with element_offset 0):
+// c[i * N + j]; its stochastic element index is d.element_offset + element_index(P, N) of
+// rounding.h: i * N + j, or, for one group of a grouped convolution, the flat index in the
+// whole output; element_offset (the CPU engine's AccumulateGemm argument of that name) is
+// batch * M * N for one matrix of a batched matmul, 0 otherwise:
 //
 //   op                    rows i         columns j   k (summed in this order)   A      B
 //   matmul                i              j           k                          a      b
@@ -58,6 +59,9 @@ struct GemmDesc {
   int64_t row_d1, row_d2;  // conv: row i -> (i / (d1 d2), (i / d2) % d1, i % d2)
   int64_t k_d1, k_d2;      // conv: k likewise
   ConvGeometry g;
+  // Added to every output's stochastic element index: the flat index of c[0] in a wider
+  // output (one matrix of a batched matmul; see the top of this file).
+  uint64_t element_offset;
 };
 
 // A row or a k index split into its three conv coordinates.
@@ -249,7 +253,8 @@ __device__ __forceinline__ void gemm_block(const GemmDesc& d, const AccumParams&
     for (int c = 0; c < TN; ++c) {
       const int64_t i = row0 + ty + TY * r, j = col0 + tx + TX * c;
       key[r][c] = R == kStochastic
-                      ? element_key(P.seed, static_cast<uint64_t>(i) * index.row_stride +
+                      ? element_key(P.seed, d.element_offset +
+                                                static_cast<uint64_t>(i) * index.row_stride +
                                                 index.offset + static_cast<uint64_t>(j))
                       : uint64_t{0};
       part[r][c] = 0.0;
@@ -315,8 +320,10 @@ __device__ __forceinline__ void quantize_range(const float* x, float* y, int64_t
 // ---- Host-side descriptions (plain C++) ----------------------------------------------
 
 inline GemmDesc matmul_desc(const float* a, const float* b, float* c, int64_t M, int64_t N,
-                            int64_t K, bool transpose_a, bool transpose_b) {
+                            int64_t K, bool transpose_a, bool transpose_b,
+                            uint64_t element_offset) {
   GemmDesc d{};
+  d.element_offset = element_offset;
   d.a = a, d.b = b, d.c = c, d.M = M, d.N = N, d.K = K, d.kind = kMatMul;
   d.transpose_a = transpose_a, d.transpose_b = transpose_b;
   d.a_k_contiguous = !transpose_a;  // a[i, k] row-major: k adjacent

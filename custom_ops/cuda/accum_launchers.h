@@ -28,15 +28,18 @@
 struct CUstream_st;  // cudaStream_t is `struct CUstream_st*`
 
 // Bumped whenever a signature below changes (checked by the ctypes callers).
-#define TFACCUM_CUDA_ABI_VERSION 2
+#define TFACCUM_CUDA_ABI_VERSION 3
 
 extern "C" {
 
 // c[M, N] = op(a) . op(b): a is [M, K] ([K, M] if transpose_a), b is [K, N] ([N, K] if
-// transpose_b), all row-major; c[i, j] sums k = 0..K-1 in order.
+// transpose_b), all row-major; c[i, j] sums k = 0..K-1 in order. Its stochastic element
+// index is element_offset + i * N + j: a batched matmul launches one matrix at a time,
+// matrix `batch` with element_offset batch * M * N (its flat index in the whole output).
 int tfaccum_cuda_matmul(const float* a, const float* b, float* c, int64_t M, int64_t N,
                         int64_t K, int32_t transpose_a, int32_t transpose_b,
-                        const tfaccum::AccumParams* params, CUstream_st* stream);
+                        uint64_t element_offset, const tfaccum::AccumParams* params,
+                        CUstream_st* stream);
 
 // y[B, OH, OW, Cout] from x[B, H, W, Cin] and w[KH, KW, Cin, Cout] (NHWC);
 // y[b, oy, ox, co] sums (ky, kx, ci).

@@ -42,27 +42,89 @@ inline absl::Status BuildShape(const std::string& what, const std::vector<int64_
   return tensorflow::TensorShape::BuildTensorShape(dims, shape);
 }
 
-// The logical sizes of c[M, N] = op(a) . op(b), or an error when a or b is not a matrix
-// or the inner dimensions differ.
+// The sizes of a (batched) matrix product c[..., M, N] = op(a[..., :, :]) . op(b[..., :, :])
+// (docs/numerics.md section 5). Dimensions before the last two are batch dimensions;
+// those of a and b broadcast as tf.matmul's do (NumPy's rule, aligned on the right: equal
+// sizes, or a size 1, or a missing dimension, repeat one matrix). Output batch `index`
+// (row-major over `batch`) reads matrix AMatrix(index) of a and BMatrix(index) of b.
+struct MatMulDims {
+  int64_t M = 0, N = 0, K = 0;
+  std::vector<int64_t> batch;      // the output's batch dimensions
+  int64_t batch_count = 1;         // their product (checked representable by BuildShape)
+  std::vector<int64_t> a_strides;  // per output batch dimension: matrices of a to step (0:
+  std::vector<int64_t> b_strides;  // broadcast); likewise for b
+  bool a_broadcast = false, b_broadcast = false;  // some matrix is read by several outputs
+
+  int64_t AMatrix(int64_t index) const { return Matrix(a_strides, index); }
+  int64_t BMatrix(int64_t index) const { return Matrix(b_strides, index); }
+  // The output's shape: batch, then [M, N].
+  std::vector<int64_t> OutputDims() const {
+    std::vector<int64_t> dims = batch;
+    dims.push_back(M);
+    dims.push_back(N);
+    return dims;
+  }
+
+ private:
+  int64_t Matrix(const std::vector<int64_t>& strides, int64_t index) const {
+    int64_t matrix = 0;
+    for (int d = static_cast<int>(batch.size()) - 1; d >= 0; --d) {
+      matrix += (index % batch[d]) * strides[d];
+      index /= batch[d];
+    }
+    return matrix;
+  }
+};
+
+// Fills `dims`, or returns InvalidArgument when a or b has rank below 2, the inner
+// dimensions differ or the batch dimensions do not broadcast.
 inline absl::Status MatMulDimensions(const tensorflow::TensorShape& a,
                                      const tensorflow::TensorShape& b, bool transpose_a,
-                                     bool transpose_b, int64_t* M, int64_t* N, int64_t* K) {
-  if (a.dims() != 2)
-    return absl::InvalidArgumentError("a must be a matrix (rank 2), got shape " +
-                                      a.DebugString());
-  if (b.dims() != 2)
-    return absl::InvalidArgumentError("b must be a matrix (rank 2), got shape " +
-                                      b.DebugString());
-  *M = a.dim_size(transpose_a ? 1 : 0);
-  *K = a.dim_size(transpose_a ? 0 : 1);
-  const int64_t K_b = b.dim_size(transpose_b ? 1 : 0);
-  *N = b.dim_size(transpose_b ? 0 : 1);
-  if (*K != K_b)
+                                     bool transpose_b, MatMulDims* dims) {
+  if (a.dims() < 2)
+    return absl::InvalidArgumentError(
+        "a must be a matrix or a batch of matrices (rank >= 2), got shape " + a.DebugString());
+  if (b.dims() < 2)
+    return absl::InvalidArgumentError(
+        "b must be a matrix or a batch of matrices (rank >= 2), got shape " + b.DebugString());
+  const int ra = a.dims(), rb = b.dims();
+  dims->M = a.dim_size(transpose_a ? ra - 1 : ra - 2);
+  dims->K = a.dim_size(transpose_a ? ra - 2 : ra - 1);
+  const int64_t K_b = b.dim_size(transpose_b ? rb - 1 : rb - 2);
+  dims->N = b.dim_size(transpose_b ? rb - 2 : rb - 1);
+  if (dims->K != K_b)
     return absl::InvalidArgumentError(
         "inner dimensions differ: a " + a.DebugString() +
-        (transpose_a ? " (transposed)" : "") + " has " + std::to_string(*K) + ", b " +
+        (transpose_a ? " (transposed)" : "") + " has " + std::to_string(dims->K) + ", b " +
         b.DebugString() + (transpose_b ? " (transposed)" : "") + " has " +
         std::to_string(K_b));
+  const int na = ra - 2, nb = rb - 2, n = na > nb ? na : nb;
+  dims->batch.assign(n, 1);
+  dims->a_strides.assign(n, 0);
+  dims->b_strides.assign(n, 0);
+  dims->a_broadcast = dims->b_broadcast = false;
+  // Right-aligned: output batch dimension d is a's dimension d - (n - na), if any.
+  int64_t a_step = 1, b_step = 1;  // matrices per unit of the dimension, innermost first
+  for (int d = n - 1; d >= 0; --d) {
+    const int da = d - (n - na), db = d - (n - nb);
+    const int64_t sa = da >= 0 ? a.dim_size(da) : 1, sb = db >= 0 ? b.dim_size(db) : 1;
+    if (sa != sb && sa != 1 && sb != 1)
+      return absl::InvalidArgumentError(
+          "batch dimensions do not broadcast: a " + a.DebugString() + " and b " +
+          b.DebugString() + " differ in batch dimension " + std::to_string(d - n) + " (" +
+          std::to_string(sa) + " and " + std::to_string(sb) + ")");
+    const int64_t size = sa == 1 ? sb : sa;
+    dims->batch[d] = size;
+    if (sa == size) dims->a_strides[d] = a_step; else dims->a_broadcast = true;
+    if (sb == size) dims->b_strides[d] = b_step; else dims->b_broadcast = true;
+    a_step *= sa;
+    b_step *= sb;
+  }
+  tensorflow::TensorShape out;
+  TF_RETURN_IF_ERROR(BuildShape("the output shape", dims->OutputDims(), &out));
+  // The running product of the output's dimensions fits int64, so that of its batch does.
+  dims->batch_count = 1;
+  for (int64_t s : dims->batch) dims->batch_count *= s;
   return absl::OkStatus();
 }
 

@@ -111,8 +111,9 @@ void tfaccum_cuda_set_tile_shape(int32_t shape) { g_shape = shape; }
 
 int tfaccum_cuda_matmul(const float* a, const float* b, float* c, int64_t M, int64_t N,
                         int64_t K, int32_t transpose_a, int32_t transpose_b,
-                        const AccumParams* params, CUstream_st*) {
-  return run_gemm(matmul_desc(a, b, c, M, N, K, transpose_a != 0, transpose_b != 0), params);
+                        uint64_t element_offset, const AccumParams* params, CUstream_st*) {
+  return run_gemm(matmul_desc(a, b, c, M, N, K, transpose_a != 0, transpose_b != 0,
+                                         element_offset), params);
 }
 
 int tfaccum_cuda_conv2d(const float* x, const float* w, float* y, const ConvGeometry* g,

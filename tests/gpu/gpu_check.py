@@ -126,7 +126,7 @@ class AccumParamsView(ctypes.Structure):
 class Library:
     """ctypes view of accum_launchers.h."""
 
-    ABI_VERSION = 2
+    ABI_VERSION = 3
 
     def __init__(self, path):
         self.path = path
@@ -134,7 +134,8 @@ class Library:
         vp, i32, i64, u64, cp = (ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
                                  ctypes.c_uint64, ctypes.c_char_p)
         sig = {
-            "tfaccum_cuda_matmul": (ctypes.c_int, [vp, vp, vp, i64, i64, i64, i32, i32, vp, vp]),
+            "tfaccum_cuda_matmul": (ctypes.c_int, [vp, vp, vp, i64, i64, i64, i32, i32, u64, vp,
+                                                    vp]),
             "tfaccum_cuda_conv2d": (ctypes.c_int, [vp, vp, vp, vp, vp, vp]),
             "tfaccum_cuda_conv2d_backprop_input": (ctypes.c_int, [vp, vp, vp, vp, vp, vp]),
             "tfaccum_cuda_conv2d_backprop_filter": (ctypes.c_int, [vp, vp, vp, vp, vp, vp]),
@@ -468,6 +469,14 @@ def make_cases(quick=False, seed=1234):
             b = values(rng, kind, (n, k) if tb else (k, n), fmt, 1)
             cases.append(dict(op="matmul", a=a, b=b, ta=ta, tb=tb, kind=kind,
                               config=random_config(rng, rounding, fmt, k, product)))
+    # Batched matmul: matrix g launched at element offset g*M*N (stochastic rounding
+    # makes a wrong offset visible), b shared by every matrix.
+    for rounding in ROUNDINGS:
+        fmt = next_format()
+        m, n, k = int(rng.integers(1, 9)), int(rng.integers(1, 9)), 33
+        cases.append(dict(op="batched_matmul", a=values(rng, "normal", (3, m, k), fmt, 0),
+                          b=values(rng, "normal", (1, k, n), fmt, 1), kind="normal",
+                          config=random_config(rng, rounding, fmt, k), step=2))
     # Edge shapes: K = 0 (all +0), a single output, chunk sizes that split unevenly.
     for chunk in (0, 4, 1):
         cfg = AccumConfig(accumulator=F16_INF, chunk_size=chunk)
@@ -596,6 +605,8 @@ def describe(case):
         k = case["a"].shape[0] if case["ta"] else case["a"].shape[1]
         n = case["b"].shape[0] if case["tb"] else case["b"].shape[1]
         shape = f"matmul {m}x{k}x{n} ta={int(case['ta'])} tb={int(case['tb'])}"
+    elif op == "batched_matmul":
+        shape = f"batched matmul {case['a'].shape} x {case['b'].shape}"
     else:
         c = case["conv"]
         shape = (f"{op} x{c['x_shape']} k{c['k_shape'][:2]} cout={c['k_shape'][3]} "
@@ -612,6 +623,8 @@ def reference_output(case):
     step = case.get("step", 0)
     if op == "matmul":
         return ref.matmul(case["a"], case["b"], cfg, case["ta"], case["tb"], step=step)
+    if op == "batched_matmul":
+        return ref.batched_matmul(case["a"], case["b"], cfg, step=step)
     if op == "quantize":
         return ref.quantize(case["x"], case["fmt"], case["rounding"], case["seed"], step=step)
     c = case["conv"]
@@ -670,9 +683,22 @@ def run_case(lib, backend, case):
         n = b.shape[0] if case["tb"] else b.shape[1]
         da, db, out = backend.upload(a), backend.upload(b), backend.fill_sentinel((m, n))
         lib.check(lib.lib.tfaccum_cuda_matmul(backend.ptr(da), backend.ptr(db), backend.ptr(out),
-                                              m, n, k, int(case["ta"]), int(case["tb"]),
+                                              m, n, k, int(case["ta"]), int(case["tb"]), 0,
                                               params, None), "matmul")
         return backend.download(out)
+    if op == "batched_matmul":  # as the TensorFlow GPU kernel: one launch per matrix
+        a, b = case["a"], case["b"]  # [B, M, K] and [1, K, N] (b broadcast)
+        batch, m, k = a.shape
+        n = b.shape[2]
+        outs = []
+        for g in range(batch):
+            da, db = backend.upload(np.ascontiguousarray(a[g])), backend.upload(b[0])
+            out = backend.fill_sentinel((m, n))
+            lib.check(lib.lib.tfaccum_cuda_matmul(backend.ptr(da), backend.ptr(db),
+                                                  backend.ptr(out), m, n, k, 0, 0, g * m * n,
+                                                  params, None), "batched matmul")
+            outs.append(backend.download(out))
+        return np.stack(outs)
     c, (x_c, y_c) = _group_channels(case)  # the whole conv when not grouped
     case = dict(case, x=case["x"][..., x_c], w=case["w"][..., y_c], dy=case["dy"][..., y_c])
     geometry, dims = lib.geometry(c)
@@ -891,7 +917,7 @@ def timing(lib, backend, deadline, sizes=FULL_SIZES):
 
     def ours_mm():
         lib.check(lib.lib.tfaccum_cuda_matmul(backend.ptr(a), backend.ptr(b), backend.ptr(c),
-                                              n, n, n, 0, 0, params, None), "matmul")
+                                              n, n, n, 0, 0, 0, params, None), "matmul")
 
     t_ours = time_ms(backend, ours_mm, 3)
     if torch is not None:

@@ -162,13 +162,22 @@ class GemmPrediction:
 
 @dataclasses.dataclass(frozen=True)
 class LayerPrediction:
-    """The three GEMMs of one layer."""
+    """The three GEMMs of one layer, or of one GEMM set of a layer that has several
+    (``gemm_set`` names it: a separable convolution's ``depthwise``/``pointwise``, an
+    attention layer's projections and ``attn/qk``/``attn/av``; see
+    :func:`tfaccum.inventory.gemm_rows`). Such a layer has one policy, which takes the
+    widest prediction of its sets (:meth:`PrecisionPlan.policies`)."""
 
     layer: str
     fwd: GemmPrediction
     bwd: GemmPrediction
     grad: GemmPrediction
     kind: str = ""
+    gemm_set: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer} ({self.gemm_set})" if self.gemm_set else self.layer
 
     def gemm(self, name: str) -> GemmPrediction:
         if name not in GEMMS:
@@ -189,6 +198,8 @@ class LayerPrediction:
         d = {"layer": self.layer}
         if self.kind:
             d["kind"] = self.kind
+        if self.gemm_set:
+            d["gemm_set"] = self.gemm_set
         d.update({g: getattr(self, g).to_dict() for g in GEMMS})
         return d
 
@@ -199,7 +210,8 @@ class LayerPrediction:
             raise ValueError(f"layer names must be strings, got {name!r}")
         gemms = {g: GemmPrediction.from_dict(_need(d, g, f"layer {name!r}"),
                                              f"layer {name!r} {g}") for g in GEMMS}
-        return cls(layer=name, kind=str(d.get("kind", "")), **gemms)
+        return cls(layer=name, kind=str(d.get("kind", "")), gemm_set=str(d.get("gemm_set", "")),
+                   **gemms)
 
 
 def effective_chunk(chunk_size: int, length: int, effective: int) -> int:
@@ -263,8 +275,9 @@ class PrecisionPlan:
             if not isinstance(layer, LayerPrediction):
                 raise TypeError(f"PrecisionPlan.layers must hold LayerPrediction, got "
                                 f"{type(layer).__name__}")
-        names = [layer.layer for layer in layers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        names = [(layer.layer, layer.gemm_set) for layer in layers]  # a layer's GEMM sets
+        duplicates = sorted({n.label for n, key in zip(layers, names)
+                             if names.count(key) > 1})
         if duplicates:
             raise ValueError(f"duplicate layer names in the plan: {duplicates}")
         object.__setattr__(self, "layers", layers)
@@ -302,11 +315,17 @@ class PrecisionPlan:
 
     @property
     def layer_names(self) -> Tuple[str, ...]:
-        return tuple(layer.layer for layer in self.layers)
+        return tuple(dict.fromkeys(layer.layer for layer in self.layers))
 
     def bits(self) -> Dict[str, Dict[str, int]]:
-        """``{layer: {"fwd": m, "bwd": m, "grad": m}}``."""
-        return {l.layer: {g: l.gemm(g).mantissa_bits for g in GEMMS} for l in self.layers}
+        """``{layer: {"fwd": m, "bwd": m, "grad": m}}``; a layer of several GEMM sets
+        gets, per GEMM, the widest of its sets (its one policy must serve them all)."""
+        out: Dict[str, Dict[str, int]] = {}
+        for l in self.layers:
+            widest = out.setdefault(l.layer, {g: 0 for g in GEMMS})
+            for g in GEMMS:
+                widest[g] = max(widest[g], l.gemm(g).mantissa_bits)
+        return out
 
     # Transformations ----------------------------------------------------------------------
     def shift(self, bits: int) -> "PrecisionPlan":
@@ -355,11 +374,9 @@ class PrecisionPlan:
         unknown = skip - set(self.layer_names)
         if unknown:
             raise ValueError(f"exclude names layers not in the plan: {sorted(unknown)}")
-        return {l.layer: AccumPolicy(fwd=self.config(l.fwd.mantissa_bits),
-                                     bwd=self.config(l.bwd.mantissa_bits),
-                                     grad=self.config(l.grad.mantissa_bits),
-                                     operands=self.operands)
-                for l in self.layers if l.layer not in skip}
+        return {name: AccumPolicy(fwd=self.config(m["fwd"]), bwd=self.config(m["bwd"]),
+                                  grad=self.config(m["grad"]), operands=self.operands)
+                for name, m in self.bits().items() if name not in skip}
 
     # Serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -450,7 +467,7 @@ class PrecisionPlan:
         rows = []
         measured = False
         for l in self.layers:
-            cells = [l.layer]
+            cells = [l.label]
             for g in GEMMS:
                 p = l.gemm(g)
                 cells += [str(p.length), str(p.effective_length)]

@@ -20,6 +20,14 @@ The predicted bits are then :func:`tfaccum.analysis.min_mantissa_bits` of the ef
 length. In a chunked accumulation the zeros still occupy their slots, so a chunk of
 ``c`` products holds ``c * (1 - sparsity)`` non-zero ones on average: the chunked
 prediction uses that effective chunk size.
+
+The other layers tfaccum emulates (separable convolutions, ``EinsumDense``,
+``MultiHeadAttention``, ``GroupQueryAttention``) get one plan entry per GEMM set
+(:func:`tfaccum.inventory.gemm_rows`: ``depthwise``/``pointwise``; an attention layer's
+projections and its per-head ``attn/qk`` and ``attn/av``), named by ``layer`` and
+``gemm_set``; their zeros are not measured (none are assumed, unless ``sparsity`` gives
+a fraction or a mapping that names the layer), and the layer's one policy takes, per
+GEMM, the widest of its sets.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ from tfaccum.analysis.measure import GemmProbe
 from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, min_mantissa_bits,
                                   passes_criterion)
 from tfaccum.config import ROUNDING_MODES, as_format
-from tfaccum.inventory import call_shapes, gemm_layers, layer_lengths
+from tfaccum.inventory import (SINGLE_GEMM, call_shapes, gemm_layers, gemm_rows,
+                               layer_lengths, planned_layers)
 
 __all__ = ["predict", "measure_statistics", "measure_sparsity", "gemm_layers", "layer_lengths",
            "GemmStatistics", "Statistics"]
@@ -531,7 +540,7 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
 
     Args:
       model: a Keras model; every ``Dense``/``Conv2D`` layer (and tfaccum twin) gets an
-        entry. Layers must have been called (Functional/Sequential models always are;
+        entry, every other layer tfaccum emulates one per GEMM set. Layers must have been called (Functional/Sequential models always are;
         a subclassed model needs ``data`` or must have been called on data).
       batch_size: the training batch size (it sets the GRAD lengths).
       product_mantissa_bits: ``m_p`` of the products (5: FP8 E5M2 operands multiplied
@@ -584,7 +593,10 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     passes_criterion(1, 1.0, cutoff, criterion=criterion, max_relative_loss=max_relative_loss)
     operands = None if operands is None else as_format(operands)
     product = None if product is None else as_format(product)
-    layers = gemm_layers(model)
+    # Every layer whose GEMMs tfaccum emulates, in model order: those of one GEMM set on
+    # one kernel (measured and planned as before), and the others (separable
+    # convolutions, EinsumDense, attention), one entry per GEMM set.
+    layers = planned_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no Dense or convolution layer")
 
@@ -629,8 +641,35 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     def policy_for(m: int):
         return scratch.policies_for_bits(m)
 
-    entries, measured_gemms = [], []
+    entries, measured_gemms, unmeasured = [], [], []
     for layer in layers:
+        if not isinstance(layer, SINGLE_GEMM):
+            if isinstance(spec, Mapping) and layer.name not in spec:
+                unmeasured.append(layer.name)  # measure_statistics probes SINGLE_GEMM only
+                fractions = {g: 0.0 for g in GEMMS}
+            else:
+                fractions = _sparsity_for(spec, layer.name)
+            for row in _gemm_sets(layer, measured_shapes, batch_size):
+                gemms = {}
+                for g in GEMMS:
+                    s = _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
+                    n = getattr(row, g)
+                    if n is None:
+                        raise ValueError(f"layer {layer.name!r} {row.gemm or ''} {g}: a "
+                                         "dimension its length needs is unknown")
+                    effective = int(round((1.0 - s) * n))
+                    chunked, seq = _predict_bits(n, effective, chunk_size,
+                                                 product_mantissa_bits, criterion_kwargs,
+                                                 method, mc_kwargs)
+                    prediction = GemmPrediction(
+                        length=n, effective_length=effective, sparsity=s,
+                        mantissa_bits=chunked,
+                        sequential_mantissa_bits=seq if chunk_size else None)
+                    gemms[g] = dataclasses.replace(
+                        prediction, retention=scratch.analytical_retention(prediction))
+                entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__,
+                                               gemm_set=row.gemm, **gemms))
+            continue
         pairs = call_shapes(layer) or measured_shapes.get(layer.name, [])
         if not pairs:
             raise ValueError(f"layer {layer.name!r} has never been called, so its input "
@@ -681,7 +720,30 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
         entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__, **gemms))
     plan_settings["statistics"] = _statistics_text(stats, description, measured_gemms,
                                                    direct)
+    if unmeasured:
+        plan_settings["statistics"] += (
+            f"; sparsity not measured (no zeros assumed) for {', '.join(unmeasured)}")
     return PrecisionPlan(layers=tuple(entries), **plan_settings)
+
+
+def _gemm_sets(layer, measured_shapes, batch_size: int) -> list:
+    """The GEMM sets of a layer of several (inventory.gemm_rows), each at the longest
+    lengths of the shapes the layer is called on."""
+    if isinstance(layer, (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)):
+        return gemm_rows(layer, (), (), batch_size)  # from its projections' shapes
+    pairs = call_shapes(layer) or measured_shapes.get(layer.name, [])
+    if not pairs:
+        raise ValueError(f"layer {layer.name!r} has never been called, so its input "
+                         "shape is unknown: call the model on data first or pass data=")
+    sets = [gemm_rows(layer, i, o, batch_size) for i, o in pairs]
+    longest = []
+    for rows in zip(*sets):
+        def most(g, rows=rows):
+            values = [getattr(r, g) for r in rows]
+            return None if None in values else max(values)
+        longest.append(dataclasses.replace(rows[0], fwd=most("fwd"), bwd=most("bwd"),
+                                           grad=most("grad")))
+    return longest
 
 
 def _passes_measured(retention: float, n_eff: int, criterion_kwargs) -> bool:

@@ -29,7 +29,7 @@ import keras
 from tfaccum.analysis import GEMMS
 from tfaccum import presets
 from tfaccum.config import AccumConfig, AccumPolicy, FloatFormat
-from tfaccum.inventory import gemm_layers
+from tfaccum.inventory import gemm_layers, planned_layers
 from tfaccum.training.settings import DriverError, RunSpec, Settings
 
 
@@ -77,7 +77,8 @@ def layer_policies(spec: RunSpec, settings: Settings, model, plan=None
                    ) -> Dict[str, AccumPolicy]:
     """``{layer name: AccumPolicy}`` for every layer the run rewrites (maybe none)."""
     kept = set(kept_names(settings, model))
-    names = [layer.name for layer in gemm_layers(model) if layer.name not in kept]
+    # Attention and EinsumDense layers too (vit_tiny): every layer tfaccum emulates.
+    names = [layer.name for layer in planned_layers(model) if layer.name not in kept]
     if spec.policy == "fp32":
         if settings.operands is None:
             return {}

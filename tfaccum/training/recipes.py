@@ -14,6 +14,10 @@
   tightness experiment (four configurations x five seeds) finishes in under five minutes
   on two CPU cores.
 
+* ``vit_tiny`` on the embedded digits: the digits recipe with Adam (learning rate 2e-3,
+  cosine schedule, one warm-up epoch), as transformers are usually trained; its
+  attention products and projections are emulated like every other GEMM.
+
 Weight decay is the L2 penalty of the papers: ``wd * w`` is added to each kernel's
 gradient (``keras.regularizers.L2(wd / 2)`` on Dense/Conv2D kernels; biases and
 BatchNorm parameters are not decayed).
@@ -48,6 +52,10 @@ RECIPES = {
     "digits_cnn": Recipe(dataset="digits", batch_size=64, epochs=EPOCHS_DIGITS,
                          learning_rate=0.1, lr_schedule="cosine", lr_decay_at=(),
                          operands="fp8", seeds=5),
+    "vit_tiny": Recipe(dataset="digits", batch_size=64, epochs=EPOCHS_DIGITS,
+                       optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
+                       lr_schedule="cosine", lr_decay_at=(), warmup_epochs=1.0,
+                       operands="fp8", seeds=5),
     "resnet32": Recipe(dataset="cifar10", batch_size=128, epochs=160),
     "resnet18": Recipe(dataset="imagenet2012", batch_size=256, epochs=90,
                        lr_decay_at=(1 / 3, 2 / 3)),

@@ -61,13 +61,21 @@ absl::Status LaunchQuantize<GpuDevice>(OpKernelContext* ctx, const FormatParams&
 
 template <>
 absl::Status LaunchMatMul<GpuDevice>(OpKernelContext* ctx, const AccumParams& params,
-                                     int64_t M, int64_t N, int64_t K, bool transpose_a,
+                                     const MatMulDims& dims, bool transpose_a,
                                      bool transpose_b, const Tensor& a, const Tensor& b,
                                      Tensor* c) {
+  const int64_t M = dims.M, N = dims.N, K = dims.K;
+  // One launch per matrix of the output, each at its element offset in the whole output.
   return LaunchOnStream(ctx, "matmul", [&](CUstream_st* stream) {
-    return tfaccum_cuda_matmul(a.flat<float>().data(), b.flat<float>().data(),
-                               c->flat<float>().data(), M, N, K, transpose_a, transpose_b,
-                               &params, stream);
+    for (int64_t g = 0; g < dims.batch_count; ++g) {
+      const int code = tfaccum_cuda_matmul(
+          a.flat<float>().data() + dims.AMatrix(g) * M * K,
+          b.flat<float>().data() + dims.BMatrix(g) * K * N, c->flat<float>().data() + g * M * N,
+          M, N, K, transpose_a, transpose_b, static_cast<uint64_t>(g * M * N), &params,
+          stream);
+      if (code != 0) return code;
+    }
+    return 0;
   });
 }
 

@@ -40,10 +40,13 @@ absl::Status LaunchQuantize(tensorflow::OpKernelContext* ctx, const FormatParams
                             int32_t rounding, uint64_t seed, const tensorflow::Tensor& x,
                             tensorflow::Tensor* y);
 
-// c[M, N] = op(a) . op(b).
+// c[..., M, N] = op(a) . op(b), one GEMM per output batch index `i` (dims.batch_count of
+// them, reading matrices dims.AMatrix(i) of a and dims.BMatrix(i) of b), each with the
+// stochastic element offset i * M * N: every output's element index is its flat index in
+// the whole batched c (numerics.md section 4).
 template <typename Device>
 absl::Status LaunchMatMul(tensorflow::OpKernelContext* ctx, const AccumParams& params,
-                          int64_t M, int64_t N, int64_t K, bool transpose_a, bool transpose_b,
+                          const MatMulDims& dims, bool transpose_a, bool transpose_b,
                           const tensorflow::Tensor& a, const tensorflow::Tensor& b,
                           tensorflow::Tensor* c);
 
@@ -121,16 +124,16 @@ class MatMulOp : public tensorflow::OpKernel {
     const tensorflow::Tensor& b = ctx->input(1);
     AccumParams params;
     OP_REQUIRES_OK(ctx, WithStep(ctx, params_, &params));
-    int64_t M = 0, N = 0, K = 0;
+    MatMulDims dims;
     OP_REQUIRES_OK(ctx, MatMulDimensions(a.shape(), b.shape(), transpose_a_, transpose_b_,
-                                         &M, &N, &K));
+                                         &dims));
     tensorflow::TensorShape c_shape;
-    OP_REQUIRES_OK(ctx, BuildShape("the output shape", {M, N}, &c_shape));
+    OP_REQUIRES_OK(ctx, BuildShape("the output shape", dims.OutputDims(), &c_shape));
     tensorflow::Tensor* c = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, c_shape, &c));
-    if (M == 0 || N == 0) return;
-    OP_REQUIRES_OK(ctx, LaunchMatMul<Device>(ctx, params, M, N, K, transpose_a_,
-                                             transpose_b_, a, b, c));
+    if (c->NumElements() == 0) return;
+    OP_REQUIRES_OK(ctx, LaunchMatMul<Device>(ctx, params, dims, transpose_a_, transpose_b_,
+                                             a, b, c));
   }
 
  private:

@@ -66,24 +66,37 @@ REGISTER_OP("TfaccumMatMul")
       TF_RETURN_IF_ERROR(c->GetAttr("transpose_b", &transpose_b));
       tensorflow::TensorShape a_known, b_known;
       if (KnownShape(c, c->input(0), &a_known) && KnownShape(c, c->input(1), &b_known)) {
-        int64_t M, N, K;  // the kernel's checks and messages
+        MatMulDims dims;  // the kernel's checks and messages
         TF_RETURN_IF_ERROR(
-            MatMulDimensions(a_known, b_known, transpose_a, transpose_b, &M, &N, &K));
-        tensorflow::TensorShape out;
-        TF_RETURN_IF_ERROR(BuildShape("the output shape", {M, N}, &out));
-        c->set_output(0, c->Matrix(M, N));
+            MatMulDimensions(a_known, b_known, transpose_a, transpose_b, &dims));
+        std::vector<DimensionHandle> out_dims;
+        for (int64_t d : dims.OutputDims()) out_dims.push_back(c->MakeDim(d));
+        c->set_output(0, c->MakeShape(out_dims));
         return absl::OkStatus();
       }
       ShapeHandle a, b;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &b));
-      DimensionHandle m = c->Dim(a, transpose_a ? 1 : 0);
-      DimensionHandle k_a = c->Dim(a, transpose_a ? 0 : 1);
-      DimensionHandle k_b = c->Dim(b, transpose_b ? 1 : 0);
-      DimensionHandle n = c->Dim(b, transpose_b ? 0 : 1);
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &a));
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(1), 2, &b));
+      if (!c->RankKnown(a) || !c->RankKnown(b)) {
+        // The batch dimensions are unknown in number; the kernel checks the shapes.
+        c->set_output(0, c->UnknownShape());
+        return absl::OkStatus();
+      }
+      const int ra = c->Rank(a), rb = c->Rank(b);
+      DimensionHandle m = c->Dim(a, transpose_a ? ra - 1 : ra - 2);
+      DimensionHandle k_a = c->Dim(a, transpose_a ? ra - 2 : ra - 1);
+      DimensionHandle k_b = c->Dim(b, transpose_b ? rb - 1 : rb - 2);
+      DimensionHandle n = c->Dim(b, transpose_b ? rb - 2 : rb - 1);
       DimensionHandle unused;
       TF_RETURN_IF_ERROR(c->Merge(k_a, k_b, &unused));
-      c->set_output(0, c->Matrix(m, n));
+      // Batch dimensions broadcast as tf.matmul's (the kernel's MatMulDimensions rule).
+      ShapeHandle a_batch, b_batch, batch, out;
+      TF_RETURN_IF_ERROR(c->Subshape(a, 0, ra - 2, &a_batch));
+      TF_RETURN_IF_ERROR(c->Subshape(b, 0, rb - 2, &b_batch));
+      TF_RETURN_IF_ERROR(::tensorflow::shape_inference::BroadcastBinaryOpOutputShapeFnHelper(
+          c, a_batch, b_batch, /*incompatible_shape_error=*/true, &batch));
+      TF_RETURN_IF_ERROR(c->Concatenate(batch, c->Matrix(m, n), &out));
+      c->set_output(0, out);
       return absl::OkStatus();
     })
     .Doc("Matrix product whose dot products accumulate as docs/numerics.md defines.");

@@ -994,12 +994,12 @@ def _einsum_gemm(layout, summed, sizes, factors, config, step):
     out = np.empty(shape, np.float32)
     for e, index in enumerate(np.ndindex(*shape)):
         at = dict(zip(layout, index))
-        products = []
+        pairs = []
         for k in np.ndindex(*(sizes[c] for c in summed)):
             at.update(zip(summed, k))
             (x, tx), (y, ty) = factors
-            products.append(_mul(x[tuple(at[c] for c in tx)], y[tuple(at[c] for c in ty)]))
-        out[index] = _accumulate(products, config, e, step)
+            pairs.append((x[tuple(at[c] for c in tx)], y[tuple(at[c] for c in ty)]))
+        out[index] = _accumulate(pairs, config, e, step)
     return out
 
 

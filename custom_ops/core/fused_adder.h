@@ -118,6 +118,56 @@ TFACCUM_HD D fused_block_result(D units, D up, const AccumParams& p) {
   return quantize<kOut>(exact, p.fused_result, U{});
 }
 
+// One output's whole dot product with the fused adder, in scalar binary64 (the CUDA
+// kernels, one output per thread; the CPU engine runs the same chain over a tile of
+// vectors in gemm_tiles.inc, AccumulateTileFused). `operand(k, &a, &b)` reads the k-th
+// operand pair; `key` is the output's generator key (stochastic chunk sums only).
+// The chain of numerics.md §7: D_0 = +0, one block per L products; with promotion it
+// restarts from +0 at every chunk of chunk_size products (blocks start at the chunk's
+// first product), and each chunk's result is added to the total in the chunk format
+// under the config's rounding R, with the chunk sums' counters.
+template <int R, int kOut, class Operand>
+TFACCUM_HD double fused_dot(const AccumParams& p, int64_t K, const Operand& operand,
+                            uint64_t key) {
+  const int64_t L = p.fused_terms;
+  const bool chunked = p.chunk_size > 0;
+  const int64_t chunk = chunked ? p.chunk_size : K;
+  double total = 0.0;
+  int64_t chunk_index = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += chunk, ++chunk_index) {
+    const int64_t k1 = K < k0 + chunk ? K : k0 + chunk;
+    double d = 0.0;
+    for (int64_t b0 = k0; b0 < k1; b0 += L) {
+      const int64_t b1 = k1 < b0 + L ? k1 : b0 + L;
+      double top = 0.0, low = 1.0;  // the block's largest and smallest product scale
+      for (int64_t k = b0; k < b1; ++k) {
+        float a, b;
+        operand(k, &a, &b);
+        const double scale = static_cast<double>(fused_operand_scale(a, p.fused_operand_min)) *
+                             static_cast<double>(fused_operand_scale(b, p.fused_operand_min));
+        top = max_scale(top, scale);
+        low = min_scale(low, scale);
+      }
+      const double block_scale = fused_block_scale(top, low, d, p);
+      const double down = fused_down_scale(block_scale, p), up = fused_up_scale(block_scale, p);
+      double units = truncate_integer(d * down);
+      for (int64_t k = b0; k < b1; ++k) {
+        float a, b;
+        operand(k, &a, &b);
+        units += truncate_integer((static_cast<double>(a) * static_cast<double>(b)) * down);
+      }
+      d = fused_block_result<kOut>(units, up, p);
+    }
+    if (chunked) {
+      const uint64_t rbits = R == kStochastic ? random_bits24(key, chunk_counter(chunk_index)) : 0;
+      total = accumulate<R>(total, d, p.chunk_accumulator, rbits);
+    } else {
+      total = d;
+    }
+  }
+  return total;
+}
+
 }  // namespace tfaccum
 
 #endif  // TFACCUM_FUSED_ADDER_H_

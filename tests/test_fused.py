@@ -154,6 +154,13 @@ def test_exact_cancellation_and_signed_zeros():
     # A non-zero sum that rounds to zero keeps its sign: -2^-140 flushed is -0.
     got = check_matmul(a, b, fused(FusedAdder(4, 40, -149, -149, "toward_zero"), flushing))
     assert np.signbit(got[2, 0]) and got[2, 0] == 0
+    # ... and that -0 is the next block's D: with only -0 terms left, S is an exact zero,
+    # +0 (an IEEE sum of the truncated terms alone would keep -0).
+    a2 = np.array([[-2 ** -140, -0.0, -0.0], [-2 ** -140, -2 ** -141, -0.0]], np.float32)
+    b2 = np.ones((3, 1), np.float32)
+    for F in (1, 40):
+        got = check_matmul(a2, b2, fused(FusedAdder(1, F, -149, -149, "toward_zero"), flushing))
+        assert not np.signbit(got).any() and (got == 0).all()
 
 
 def test_operands_below_operand_emin_and_subnormal_results():

@@ -18,7 +18,10 @@ From the repository root:
    by path, without TensorFlow). Stochastic cases use the reference's seed and step
    (tfaccum_cuda_make_params folds the step into the stream seed as the TensorFlow
    kernels do), so they check that the GPU draws what the CPU draws; grouped-convolution
-   cases run one group's op and check that it draws the whole output's elements. Any NaN matches any NaN; everything else must
+   cases run one group's op and check that it draws the whole output's elements. Fused
+   multi-term adders (numerics §7: tensor-core block sizes, alignment widths, zero
+   exponents, promotion) run through matmul and the three conv passes on the same kinds
+   of inputs. Any NaN matches any NaN; everything else must
    have identical bits (so the sign of zero counts). Then larger matmuls (several tiles
    in every direction) must agree across tile shapes and, at sampled outputs, with the
    reference.

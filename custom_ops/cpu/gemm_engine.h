@@ -46,7 +46,8 @@ struct EngineContext {
 //
 // Scratch: B as float32 (K * N values, none when b is already float32 rows of a whole
 // number of tiles) and one A panel of min(M, kMaxPanelRows) x K float32 values per
-// worker that runs.
+// worker that runs; with a fused adder (AccumParams::fused_terms) also the operand scales
+// of B (K * N values) and of each panel (as many again).
 //
 // `a_values`, when given, holds every value the gatherer can write besides zeros (the
 // tensor it gathers from): the binary32 lanes' operand check then reads it once instead

@@ -39,12 +39,19 @@ Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)
 * :class:`GemmProbe`: a layer's GEMMs with the real kernels, emulated against exact, on
   real operands: the direct measurement ``predict`` falls back on and the training
   driver's health probe uses.
+* :func:`fused_vrr` / :func:`fused_vrr_monte_carlo`: the same for a tensor core's fused
+  multi-term adder chain (numerics.md §7; docs/vrr.md §14), e.g. ``"hopper:e4m3"``, with
+  promotion; :func:`longest_promotion_interval`: the longest promotion interval that
+  passes the criterion.
 * :func:`plot_vrr`: VRR against n, analytical curves and Monte Carlo points (matplotlib).
 
 (``analysis.vrr`` and ``analysis.predict`` are the functions; their modules are
 ``tfaccum.analysis.vrr`` and ``tfaccum.analysis.predict`` in ``sys.modules``.)
 """
 
+from tfaccum.analysis.fused import (FusedSetup, PromotionSearch, fused_setup, fused_variance_lost,
+                                    fused_vrr, fused_vrr_monte_carlo,
+                                    longest_promotion_interval)
 from tfaccum.analysis.measure import GemmErrors, GemmProbe
 from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
 from tfaccum.analysis.predict import (GemmStatistics, Statistics, measure_sparsity,
@@ -72,6 +79,7 @@ from tfaccum.inventory import gemm_layers, layer_lengths  # which GEMMs a model 
 __all__ = [
     "CRITERIA",
     "DEFAULT_MAX_RELATIVE_LOSS",
+    "FusedSetup",
     "GEMMS",
     "GemmErrors",
     "GemmProbe",
@@ -79,12 +87,18 @@ __all__ = [
     "ROUNDINGS",
     "Statistics",
     "criterion_description",
+    "fused_setup",
+    "fused_variance_lost",
+    "fused_vrr",
+    "fused_vrr_monte_carlo",
+    "longest_promotion_interval",
     "measure_statistics",
     "operand_noise",
     "GemmPrediction",
     "LayerPrediction",
     "MONTE_CARLO_EXPONENT_BITS",
     "PrecisionPlan",
+    "PromotionSearch",
     "VRREstimate",
     "empirical_vrr",
     "gemm_layers",

@@ -129,6 +129,49 @@ inline const char* set_group(int64_t group, int64_t groups, AccumParams* params)
   return nullptr;
 }
 
+// The five integers of a fused adder (numerics.md section 7), in the order of the `fused`
+// op attribute (tfaccum.FusedAdder.kernel_attr) and of tfaccum_cuda_set_fused.
+inline constexpr FormatField kFusedFields[5] = {
+    {"terms", 1, 64, "fused terms must be in 1..64"},
+    {"fraction_bits", 1, 40, "fused fraction_bits must be in 1..40"},
+    {"zero_exponent", -512, 512, "fused zero_exponent must be in -512..512"},
+    {"operand_emin", -149, 0, "fused operand_emin must be in -149..0"},
+    {"output_rounding (1: toward zero, 0: nearest-even)", 0, 1,
+     "fused output_rounding must be 0 (nearest-even) or 1 (toward zero)"},
+};
+
+// The index of the first of the five fused fields out of its range, or -1 (as int64, as
+// invalid_format_field).
+inline int invalid_fused_field(const int64_t values[5]) {
+  for (int i = 0; i < 5; ++i)
+    if (values[i] < kFusedFields[i].lo || values[i] > kFusedFields[i].hi) return i;
+  return -1;
+}
+
+// Makes `params` (built by make_accum_params with the same `accumulator`) sum with the
+// fused adder `values` = [terms, fraction_bits, zero_exponent, operand_emin,
+// output_rounding]. The ranges are tfaccum.FusedAdder's; the adder takes exact products.
+// The bounds matter for exactness (core/fused_adder.h): F <= 40 and L <= 64 keep the
+// block's integer sum below 2^53, and |zero_exponent| <= 512 keeps 2^(E -+ F) normal.
+inline const char* set_fused(const int64_t values[5], const Format& accumulator,
+                             AccumParams* params) {
+  const int bad = invalid_fused_field(values);
+  if (bad >= 0) return kFusedFields[bad].problem;
+  if (params->has_product) return "a fused adder takes exact products: product must be empty";
+  params->fused_terms = static_cast<int32_t>(values[0]);
+  params->fused_fraction_bits = static_cast<int32_t>(values[1]);
+  params->fused_zero_scale = pow2_d(values[2]);
+  params->fused_operand_min = pow2_d(values[3]);
+  params->fused_toward_zero = static_cast<int32_t>(values[4]);
+  // The block's rounding overflows to Inf whenever the format does, toward zero included
+  // (the §7 exception): the constants under nearest-even have exactly that overflow value,
+  // and the others do not depend on the rounding.
+  params->fused_result = make_format_params(accumulator, kNearestEven);
+  // The block's rounding reads the range rules itself, so the engine's lazy range checks
+  // (flushes_subnormals) need not change.
+  return nullptr;
+}
+
 // The training step, an int64 input or argument, must be non-negative.
 inline const char* validate_step(int64_t step) {
   return step < 0 ? "step must be >= 0" : nullptr;

@@ -75,6 +75,14 @@ struct AccumParams {
   // section 4). groups <= 1 means the output is the whole tensor.
   int64_t group;
   int64_t groups;
+  // The fused multi-term adder (numerics.md section 7; core/fused_adder.h), set by
+  // set_fused of accum_params.h: fused_terms = 0 means none (one rounding per addition).
+  int32_t fused_terms;          // L, products per block
+  int32_t fused_fraction_bits;  // F
+  int32_t fused_toward_zero;    // the block's output rounding: 1 toward zero, 0 nearest-even
+  double fused_zero_scale;      // 2^zero_exponent, the scale of a zero term
+  double fused_operand_min;     // 2^operand_emin, the smallest operand scale
+  FormatParams fused_result;    // the accumulator format, for the block's one rounding
 };
 
 // ---- Lane-generic primitives ---------------------------------------------------------

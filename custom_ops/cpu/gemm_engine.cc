@@ -17,6 +17,8 @@
 // - avx512: round-to-odd sums from two directed-rounding adds (AVX-512 embedded
 //   rounding) instead of TwoSum;
 // - avx2 and generic: the portable code compiled for x86-64-v3 and for the baseline.
+// A fused adder (numerics.md section 7, AccumParams::fused_terms) runs its own binary64
+// tile (core/fused_adder.h); the binary32 lanes do not apply to it.
 #include "gemm_engine.h"
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../core/fused_adder.h"
 #include "../core/rounding_f32.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -108,7 +111,8 @@ TFACCUM_INLINE bool WithinLimit(const U& record, uint64_t limit) {
 // One binary64 tile: kTileRows rows of A (float32 panels, widened exactly on use; rows
 // past the end of A repeat a real row and their results are dropped) times kTileCols
 // columns of B (float32 rows of ldb values, widened exactly on load). keys: the
-// generator key of each output (stochastic only).
+// generator key of each output (stochastic only). A fused adder also reads the operand
+// scales 2^e(x) of fused_operand_scale (core/fused_adder.h), laid out as the operands.
 struct TileJob {
   const AccumParams* params;
   TileLimits limits;
@@ -118,6 +122,8 @@ struct TileJob {
   int64_t ldb;
   const TileU* keys;
   TileD* out;
+  const float* a_scales[kTileRows];  // fused only
+  const float* b_scales;             // fused only
 };
 
 // One binary32 tile: `rows` rows of A times vecs * kLanesF32 columns: kTileRows x
@@ -158,6 +164,11 @@ struct PortableOps {
     __builtin_memcpy(&narrow, p, sizeof narrow);
     return __builtin_convertvector(narrow, VecD);
   }
+  // The fused adder's lane operations: maximum and minimum of non-negative non-NaN
+  // values, and truncation to an integer of values below 2^52 (core/fused_adder.h).
+  static TFACCUM_INLINE VecD max_scale(VecD a, VecD b) { return tfaccum::max_scale(a, b); }
+  static TFACCUM_INLINE VecD min_scale(VecD a, VecD b) { return tfaccum::min_scale(a, b); }
+  static TFACCUM_INLINE VecD truncate(VecD x) { return truncate_integer(x); }
 };
 
 // What the binary32 path needs to know of a set of operands (precondition P1), from
@@ -204,7 +215,19 @@ using LaneOps = PortableOps;
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace path_avx2 {
-using LaneOps = PortableOps;
+// The portable operations, with AVX's truncating round for the fused adder.
+struct LaneOps : PortableOps {
+  static TFACCUM_INLINE VecD truncate(VecD x) {
+    VecD r;
+    for (int half = 0; half < 2; ++half) {
+      __m256d h;
+      __builtin_memcpy(&h, reinterpret_cast<const double*>(&x) + 4 * half, sizeof h);
+      h = _mm256_round_pd(h, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      __builtin_memcpy(reinterpret_cast<double*>(&r) + 4 * half, &h, sizeof h);
+    }
+    return r;
+  }
+};
 #include "gemm_tiles.inc"
 }  // namespace path_avx2
 #pragma GCC pop_options
@@ -258,6 +281,18 @@ struct LaneOps {
   static TFACCUM_INLINE VecD widen(const float* p) {
     return reinterpret_cast<VecD>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
   }
+  static TFACCUM_INLINE VecD max_scale(VecD a, VecD b) {
+    return reinterpret_cast<VecD>(
+        _mm512_max_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b)));
+  }
+  static TFACCUM_INLINE VecD min_scale(VecD a, VecD b) {
+    return reinterpret_cast<VecD>(
+        _mm512_min_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b)));
+  }
+  static TFACCUM_INLINE VecD truncate(VecD x) {
+    return reinterpret_cast<VecD>(_mm512_roundscale_pd(reinterpret_cast<__m512d>(x),
+                                                       _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+  }
 };
 #include "gemm_tiles.inc"
 }  // namespace path_avx512
@@ -271,19 +306,20 @@ struct PathFunctions {
   OperandStats (*operand_stats)(const float*, int64_t);
   void (*quantize_range)(const float*, float*, int64_t, int64_t, const FormatParams&, int32_t,
                          uint64_t);
+  void (*fused_scales)(const float*, float*, int64_t, double);
 };
 
 const PathFunctions& FunctionsOf(int isa) {
   static const PathFunctions kGenericPath = {
       path_generic::RunTile64, path_generic::RunTile32, path_generic::OperandStatsOf,
-      path_generic::QuantizeRange};
+      path_generic::QuantizeRange, path_generic::FusedScalesOf};
 #if TFACCUM_HAVE_X86_PATHS
   static const PathFunctions kAvx2Path = {
       path_avx2::RunTile64, path_avx2::RunTile32, path_avx2::OperandStatsOf,
-      path_avx2::QuantizeRange};
+      path_avx2::QuantizeRange, path_avx2::FusedScalesOf};
   static const PathFunctions kAvx512Path = {
       path_avx512::RunTile64, path_avx512::RunTile32, path_avx512::OperandStatsOf,
-      path_avx512::QuantizeRange};
+      path_avx512::QuantizeRange, path_avx512::FusedScalesOf};
   if (isa == kEngineAvx512) return kAvx512Path;
   if (isa == kEngineAvx2) return kAvx2Path;
 #endif
@@ -411,7 +447,8 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   job32_template.accumulator = float32_params(params.accumulator, params.rounding);
   job32_template.product = float32_params(params.product, params.rounding);
   job32_template.chunk_accumulator = float32_params(params.chunk_accumulator, params.rounding);
-  bool float32 = state.float32_lanes.load() && params.rounding != kStochastic &&
+  const bool fused = params.fused_terms > 0;
+  bool float32 = state.float32_lanes.load() && !fused && params.rounding != kStochastic &&
                  !params.flushes_subnormals && job32_template.accumulator.usable &&
                  (!params.has_product || job32_template.product.usable) &&
                  (!chunked || job32_template.chunk_accumulator.usable);
@@ -438,6 +475,25 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       float32 = ProductsExactInFloat32(stats_of(a_values.data, a_values.count), b_stats);
   }
 
+  // A fused adder reads every operand's scale 2^e(x) (core/fused_adder.h): B's are
+  // computed once here, laid out as b_rows (with the same zero slack after the last row),
+  // each A panel's after it is gathered, into the second half of the worker's panel.
+  float* b_scales = nullptr;
+  if (fused) {
+    const int64_t floats = K * N + kMaxTileCols;
+    b_scales = static_cast<float*>(context.scratch(ScratchBytes(floats, 4), "the B scales"));
+    if (b_scales == nullptr) return false;
+    std::fill(b_scales + K * N, b_scales + floats, 0.0f);
+    constexpr int64_t kBlock = 1 << 14;
+    context.parallel_for((K * N + kBlock - 1) / kBlock, kBlock * 4, [&](int64_t begin,
+                                                                        int64_t end, int) {
+      KeepDenormals keep_denormals;  // subnormal operands have their own exponents
+      const int64_t first = begin * kBlock, last = std::min(K * N, end * kBlock);
+      path.fused_scales(b_rows + first, b_scales + first, last - first,
+                        params.fused_operand_min);
+    });
+  }
+
   // One A panel per worker that runs (at most one per row tile), handed out on first use.
   // A GEMM with fewer than kPanelRows rows gets panels of M rows: a tile's rows past M
   // repeat row 0, so an M = 1 GEMM needs K values, not 16K. Panels are float32, as every
@@ -445,8 +501,9 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
   // gradients are bound by; both lane types read them.
   const int64_t panel_rows = std::min<int64_t>(kPanelRows, M);
   const int64_t panels = std::min<int64_t>(row_tiles, std::max(1, context.workers));
+  const int64_t panel_floats = panel_rows * K * (fused ? 2 : 1);  // fused: and their scales
   float* panel_memory = static_cast<float*>(
-      context.scratch(ScratchBytes(panels * panel_rows, K * 4), "the A panels"));
+      context.scratch(ScratchBytes(panels, ScratchBytes(panel_floats, 4)), "the A panels"));
   if (panel_memory == nullptr) return false;
   std::vector<int64_t> panel_of_worker(static_cast<size_t>(std::max(1, context.workers)), -1);
   std::atomic<int64_t> next_panel{0};
@@ -462,7 +519,8 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
     KeepDenormals keep_denormals;
     int64_t& panel_index = panel_of_worker[worker];
     if (panel_index < 0) panel_index = next_panel.fetch_add(1);
-    float* panel = panel_memory + panel_index * panel_rows * K;
+    float* panel = panel_memory + panel_index * panel_floats;
+    float* panel_scales = panel + panel_rows * K;  // fused only
     TileU keys = {};
     TileD out64;
     TileJob job{&params, limits, K, {}, nullptr, ldb, &keys, &out64};
@@ -476,6 +534,7 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       const int64_t row0 = tile * kPanelRows;
       const int64_t rows = std::min<int64_t>(kPanelRows, M - row0);
       gather_a(row0, rows, panel);
+      if (fused) path.fused_scales(panel, panel_scales, rows * K, params.fused_operand_min);
       // Panel row r of a tile, for r past the panel's rows a real row (results dropped).
       auto panel_row = [&](int64_t r) { return panel + (r < rows ? r : 0) * K; };
 
@@ -484,6 +543,11 @@ bool AccumulateGemm(const AccumParams& params, int64_t M, int64_t N, int64_t K,
       // its outputs inside the matrix.
       auto run64 = [&](int64_t sub0, int64_t col0) {
         for (int r = 0; r < kTileRows; ++r) job.a_rows[r] = panel_row(sub0 + r);
+        if (fused) {
+          for (int r = 0; r < kTileRows; ++r)
+            job.a_scales[r] = panel_scales + (panel_row(sub0 + r) - panel);
+          job.b_scales = b_scales + col0;
+        }
         if (stochastic) {
           for (int r = 0; r < kTileRows; ++r)
             for (int w = 0; w < kTileCols; ++w)

@@ -25,6 +25,13 @@ __global__ void __launch_bounds__(TX * TY)
   gemm_block<R, kProduct, TM, TN, TX, TY>(d, P);
 }
 
+// Minimum one block per multiprocessor: without it ptxas caps the kernel at 64 registers
+// and spills (it needs about 90).
+template <int R, int kOut>
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_kernel(const GemmDesc d, const AccumParams P) {
+  fused_gemm_block<R, kOut>(d, P);
+}
+
 template <int R>
 __global__ void quantize_kernel(const float* x, float* y, int64_t n, const FormatParams f,
                                 uint64_t seed) {
@@ -82,6 +89,19 @@ cudaError_t launch_shape(TileShape shape, const GemmDesc& d, const AccumParams& 
   return launch_tiles<R, kProduct, 1, 1, 8, 8>(d, p, stream);                          // 8^2
 }
 
+template <int R>
+cudaError_t launch_fused(const GemmDesc& d, const AccumParams& p, cudaStream_t stream) {
+  const int64_t blocks = fused_blocks(d);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (p.fused_toward_zero)
+    fused_kernel<R, kTowardZero>
+        <<<static_cast<unsigned>(blocks), kFusedThreads, 0, stream>>>(d, p);
+  else
+    fused_kernel<R, kNearestEven>
+        <<<static_cast<unsigned>(blocks), kFusedThreads, 0, stream>>>(d, p);
+  return cudaGetLastError();
+}
+
 int64_t tile_count(const GemmDesc& d, int64_t bm, int64_t bn) {
   return ((d.M + bm - 1) / bm) * ((d.N + bn - 1) / bn);
 }
@@ -103,6 +123,13 @@ cudaError_t launch_gemm(const GemmDesc& d, const AccumParams* p, cudaStream_t st
                           : tile_count(d, 64, 64) >= 4 * sms   ? kLarge
                           : tile_count(d, 32, 32) >= 3 * sms   ? kMedium
                                                                : kSmall;
+  if (p->fused_terms > 0) {  // a fused adder (exact products): its own kernel
+    switch (p->rounding) {
+      case kNearestEven: return launch_fused<kNearestEven>(d, *p, stream);
+      case kTowardZero: return launch_fused<kTowardZero>(d, *p, stream);
+      default: return launch_fused<kStochastic>(d, *p, stream);
+    }
+  }
   const bool product = p->has_product != 0;
   switch (p->rounding) {
     case kNearestEven:

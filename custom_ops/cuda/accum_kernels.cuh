@@ -33,6 +33,7 @@
 #include <stdint.h>
 
 #include "../core/conv_geometry.h"
+#include "../core/fused_adder.h"
 #include "../core/rounding.h"
 
 namespace tfaccum {
@@ -298,6 +299,40 @@ __device__ __forceinline__ void gemm_block(const GemmDesc& d, const AccumParams&
       if (i < M && j < N) d.c[i * N + j] = static_cast<float>(chunked ? total[r][c] : part[r][c]);
     }
   }
+}
+
+// ---- The fused multi-term adder (numerics.md §7) ---------------------------------------
+// One output per thread, kFusedThreads threads per block over the outputs in row-major
+// order (consecutive threads take consecutive columns, so B's loads coalesce). A block of
+// L products is read twice (once for its largest exponent, once for its truncated terms)
+// straight from global memory, through the caches: blocks start at every chunk's first
+// product, so they do not line up with shared-memory tiles. The chain and its arithmetic
+// are core/fused_adder.h's (fused_dot), the CPU engine's too.
+constexpr int kFusedThreads = 64;
+
+template <int R, int kOut>
+__device__ __forceinline__ void fused_gemm_block(const GemmDesc& d, const AccumParams& P) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kFusedThreads + threadIdx.x;
+  if (t >= d.M * d.N) return;
+  const int64_t i = t / d.N, j = t % d.N;
+  const bool conv = d.kind != kMatMul;
+  const Coords row = conv ? split3(i, d.row_d1, d.row_d2) : Coords{0, 0, 0};
+  const auto operand = [&](int64_t k, float* a, float* b) {
+    const Coords kc = conv ? split3(k, d.k_d1, d.k_d2) : Coords{0, 0, 0};
+    *a = fetch_a(d, i, k, row, kc);
+    *b = fetch_b(d, k, j, kc);
+  };
+  const ElementIndex index = element_index(P, d.N);
+  const uint64_t key =
+      R == kStochastic ? element_key(P.seed, static_cast<uint64_t>(i) * index.row_stride +
+                                                 index.offset + static_cast<uint64_t>(j))
+                       : uint64_t{0};
+  d.c[i * d.N + j] = static_cast<float>(fused_dot<R, kOut>(P, d.K, operand, key));
+}
+
+// The launch's number of blocks of kFusedThreads outputs.
+inline int64_t fused_blocks(const GemmDesc& d) {
+  return (d.M * d.N + kFusedThreads - 1) / kFusedThreads;
 }
 
 // tfaccum.quantize of x[begin, end) with stride `stride` (element i, counter 0).

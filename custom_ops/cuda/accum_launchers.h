@@ -28,7 +28,7 @@
 struct CUstream_st;  // cudaStream_t is `struct CUstream_st*`
 
 // Bumped whenever a signature below changes (checked by the ctypes callers).
-#define TFACCUM_CUDA_ABI_VERSION 2
+#define TFACCUM_CUDA_ABI_VERSION 3  // 3: the fused adder (AccumParams grew)
 
 extern "C" {
 
@@ -86,6 +86,12 @@ const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_prod
                                      int32_t rounding, int64_t chunk_size, uint64_t seed,
                                      int64_t step, int64_t group, int64_t groups,
                                      void* params_out);
+// Makes params (built by tfaccum_cuda_make_params with this accumulator format) sum
+// with a fused adder (numerics.md §7): fused = [terms, fraction_bits, zero_exponent,
+// operand_emin, output_rounding (1: toward zero, 0: nearest-even)], as the `fused` op
+// attribute; products must be exact.
+const char* tfaccum_cuda_set_fused(const int64_t fused[5], const int32_t accumulator[4],
+                                   void* params_inout);
 const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding,
                                      void* format_out);
 // args: batch, in_h, in_w, in_c, k_h, k_w, out_c, stride_h, stride_w, dilation_h,

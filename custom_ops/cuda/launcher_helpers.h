@@ -41,6 +41,12 @@ const char* tfaccum_cuda_make_params(const int32_t formats[12], int32_t has_prod
   return nullptr;
 }
 
+const char* tfaccum_cuda_set_fused(const int64_t fused[5], const int32_t accumulator[4],
+                                   void* params_inout) {
+  return tfaccum::set_fused(fused, tfaccum::format_from(accumulator),
+                            static_cast<tfaccum::AccumParams*>(params_inout));
+}
+
 const char* tfaccum_cuda_make_format(const int32_t format[4], int32_t rounding,
                                      void* format_out) {
   return tfaccum::make_quantize_format(tfaccum::format_from(format), rounding,

@@ -73,6 +73,30 @@ void run_shape(int shape, const GemmDesc& d, const AccumParams& p) {
   return run_grid<R, kProduct, 1, 1, 8, 8>(d, p);
 }
 
+// As launch_fused in accum_kernels.cu: blocks of kFusedThreads threads, one output each.
+template <int R, int kOut>
+void run_fused_grid(const GemmDesc& d, const AccumParams& p) {
+  const int64_t blocks = fused_blocks(d);
+  for (int64_t t = 0; t < blocks; ++t) {
+    std::vector<std::thread> pool;
+    pool.reserve(kFusedThreads);
+    for (int i = 0; i < kFusedThreads; ++i) {
+      pool.emplace_back([&d, &p, i, t] {
+        threadIdx = EmuDim3{static_cast<unsigned>(i), 0, 0};
+        blockIdx = EmuDim3{static_cast<unsigned>(t), 0, 0};
+        fused_gemm_block<R, kOut>(d, p);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+template <int R>
+void run_fused(const GemmDesc& d, const AccumParams& p) {
+  if (p.fused_toward_zero) return run_fused_grid<R, kTowardZero>(d, p);
+  run_fused_grid<R, kNearestEven>(d, p);
+}
+
 int64_t tiles_of(const GemmDesc& d, int64_t bm, int64_t bn) {
   return ((d.M + bm - 1) / bm) * ((d.N + bn - 1) / bn);
 }
@@ -85,6 +109,14 @@ int run_gemm(const GemmDesc& d, const AccumParams* p) {
                     : tiles_of(d, 64, 64) >= 4 * sms ? 0
                     : tiles_of(d, 32, 32) >= 3 * sms ? 1
                                                      : 2;
+  if (p->fused_terms > 0) {
+    switch (p->rounding) {
+      case kNearestEven: run_fused<kNearestEven>(d, *p); break;
+      case kTowardZero: run_fused<kTowardZero>(d, *p); break;
+      default: run_fused<kStochastic>(d, *p); break;
+    }
+    return 0;
+  }
   const bool product = p->has_product != 0;
   switch (p->rounding) {
     case kNearestEven:

@@ -67,6 +67,7 @@ def load_pure_modules():
 
 cfgmod, ref = load_pure_modules()
 FloatFormat, AccumConfig = cfgmod.FloatFormat, cfgmod.AccumConfig
+FusedAdder = cfgmod.FusedAdder
 ROUNDINGS = list(cfgmod.ROUNDING_MODES)  # index = the kernels' Rounding enum
 
 
@@ -120,13 +121,16 @@ class AccumParamsView(ctypes.Structure):
                 ("chunk_accumulator", FormatParamsView), ("has_product", ctypes.c_int32),
                 ("rounding", ctypes.c_int32), ("chunk_size", ctypes.c_int64),
                 ("seed", ctypes.c_uint64), ("flushes_subnormals", ctypes.c_int32),
-                ("group", ctypes.c_int64), ("groups", ctypes.c_int64)]
+                ("group", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("fused_terms", ctypes.c_int32), ("fused_fraction_bits", ctypes.c_int32),
+                ("fused_toward_zero", ctypes.c_int32), ("fused_zero_scale", ctypes.c_double),
+                ("fused_operand_min", ctypes.c_double), ("fused_result", FormatParamsView)]
 
 
 class Library:
     """ctypes view of accum_launchers.h."""
 
-    ABI_VERSION = 2
+    ABI_VERSION = 3
 
     def __init__(self, path):
         self.path = path
@@ -148,6 +152,7 @@ class Library:
             "tfaccum_cuda_make_params": (cp, [ctypes.POINTER(i32), i32, i32, i64, u64, i64,
                                               i64, i64, vp]),
             "tfaccum_cuda_make_format": (cp, [ctypes.POINTER(i32), i32, vp]),
+            "tfaccum_cuda_set_fused": (cp, [ctypes.POINTER(i64), ctypes.POINTER(i32), vp]),
             "tfaccum_cuda_make_conv_geometry": (cp, [ctypes.POINTER(i64), vp,
                                                      ctypes.POINTER(i64)]),
         }
@@ -174,6 +179,12 @@ class Library:
             config.chunk_size, config.seed % 2 ** 64, step, group, groups, buf)
         if err:
             raise ValueError(err.decode())
+        if config.fused is not None:  # the fused adder (numerics §7), as the `fused` attr
+            err = self.lib.tfaccum_cuda_set_fused(
+                (ctypes.c_int64 * 5)(*config.fused.kernel_attr()), (ctypes.c_int32 * 4)(*acc),
+                buf)
+            if err:
+                raise ValueError(err.decode())
         return buf
 
     def params_view(self, config, step=0, group=0, groups=1):
@@ -570,6 +581,7 @@ def make_cases(quick=False, seed=1234):
             cases.append(dict(op=op, conv=grouped, x=x, w=w, dy=dy, kind="grouped",
                               group=group, step=group * 7,
                               config=random_config(rng, "stochastic", narrow, 12, chunk=0)))
+    cases += fused_cases(rng, kinds, quick)
     # quantize
     for rounding in ROUNDINGS:
         for kind in kinds:
@@ -581,6 +593,56 @@ def make_cases(quick=False, seed=1234):
                               "stochastic" and kind == "normal" else 0))
     for i, case in enumerate(cases):
         case["label"] = f"#{i:03d} {describe(case)}"
+    return cases
+
+
+# Fused adders (numerics §7): Hopper-FP8-like e8m13 and float32 results, both output
+# roundings, every block length class, F from 1 to 40, zero exponents that decide some
+# blocks, operand_emin below and above binary32's, promotion (chunks a multiple of L and
+# not, with stochastic chunk sums).
+E8M13_INF = FloatFormat(8, 13, overflow="inf")
+FUSED_ADDERS = [
+    FusedAdder(32, 13, -133, -6, "toward_zero"),
+    FusedAdder(16, 25, -127, -14, "toward_zero"),
+    FusedAdder(4, 23, -20, -126, "nearest_even"),
+    FusedAdder(8, 1, 3, -149, "toward_zero"),
+    FusedAdder(64, 40, -512, -126, "nearest_even"),
+    FusedAdder(1, 24, 0, -14, "toward_zero"),
+]
+
+
+def fused_cases(rng, kinds, quick):
+    cases = []
+    accumulators = [E8M13_INF, F32_INF, FloatFormat(8, 13), FloatFormat(8, 23, subnormals=False)]
+    for i, kind in enumerate(kinds + ["padzero"]):
+        adder = FUSED_ADDERS[i % len(FUSED_ADDERS)]
+        fmt = accumulators[i % len(accumulators)]
+        rounding = ROUNDINGS[i % len(ROUNDINGS)]
+        chunk = [0, 2 * adder.terms, adder.terms + 3, 0][i % 4]
+        cfg = AccumConfig(accumulator=fmt, chunk_size=chunk, rounding=rounding,
+                          seed=int(rng.integers(-2 ** 63, 2 ** 63 - 1)), fused=adder)
+        m, n = int(rng.integers(1, 17)), int(rng.integers(1, 17))
+        k = [70, 3 * adder.terms + 1, 5, adder.terms, 1, 0, 2 * adder.terms - 1][i % 7]
+        ta, tb = bool(i & 1), bool(i & 2)
+        a = values(rng, kind, (k, m) if ta else (m, k), FloatFormat(8, 23), 0)
+        b = values(rng, kind, (n, k) if tb else (k, n), FloatFormat(8, 23), 1)
+        cases.append(dict(op="matmul", a=a, b=b, ta=ta, tb=tb, kind=f"fused {kind}",
+                          config=cfg))
+    for j, op in enumerate(("conv_fwd", "conv_bwd_input", "conv_bwd_filter")):
+        for i, kind in enumerate(("normal", "specials", "mixed")):
+            if quick and i == 2:
+                continue
+            adder = FUSED_ADDERS[(i + 2 * j) % len(FUSED_ADDERS)]
+            conv = random_conv(rng)
+            cfg = AccumConfig(accumulator=[E8M13_INF, F32_INF][(i + j) % 2],
+                              chunk_size=[0, 5][i % 2], rounding=ROUNDINGS[(i + j) % 3],
+                              seed=int(rng.integers(2 ** 62)), fused=adder)
+            x = values(rng, kind, conv["x_shape"], F32_INF, 0)
+            w = values(rng, kind, conv["k_shape"], F32_INF, 1)
+            dy = values(rng, kind, conv["out_shape"], F32_INF,
+                        0 if op == "conv_bwd_input" else 1)
+            cases.append(dict(op=op, conv=conv, x=x, w=w, dy=dy, kind=f"fused {kind}",
+                              config=cfg))
     return cases
 
 
@@ -786,6 +848,10 @@ def params_checks(lib, verbose=True):
                     chunk_accumulator=BF16_INF, rounding="stochastic", seed=-3),
         AccumConfig(accumulator=FloatFormat(4, 1, subnormals=False, overflow="inf"),
                     rounding="toward_zero"),
+        AccumConfig(accumulator=E8M13_INF, chunk_size=128, rounding="toward_zero",
+                    fused=FusedAdder(32, 13, -133, -6, "toward_zero")),
+        AccumConfig(accumulator=FloatFormat(8, 23), fused=FusedAdder(4, 25, 7, -149,
+                                                                      "nearest_even")),
     ]
     failures = 0
     for cfg in configs:
@@ -797,7 +863,19 @@ def params_checks(lib, verbose=True):
                         seed=ref.stream_seed(cfg.seed, step), group=group, groups=groups,
                         flushes_subnormals=int(not all(
                             f.subnormals for f in formats if f is not exact)))
+            adder = cfg.fused
+            want.update(
+                fused_terms=adder.terms if adder else 0,
+                fused_fraction_bits=adder.fraction_bits if adder else 0,
+                fused_toward_zero=int(adder.output_rounding == "toward_zero") if adder else 0,
+                fused_zero_scale=2.0 ** adder.zero_exponent if adder else 0.0,
+                fused_operand_min=2.0 ** adder.operand_emin if adder else 0.0)
             got = {name: getattr(p, name) for name in want}
+            if adder:  # the block's rounding overflows to Inf whenever the format does
+                acc = cfg.accumulator
+                want["fused_result"] = (acc.max_value, float("inf") if acc.overflow == "inf"
+                                        else acc.max_value)
+                got["fused_result"] = (p.fused_result.max_value, p.fused_result.overflow_value)
             for name, fmt in zip(("accumulator", "product", "chunk_accumulator"), formats):
                 view = getattr(p, name)
                 want[name] = (fmt.max_value, 0.0 if fmt.subnormals else fmt.smallest_normal)

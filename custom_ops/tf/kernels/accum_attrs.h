@@ -45,6 +45,32 @@ inline absl::Status ParseFormat(const char* attr, const std::vector<int64_t>& va
   return absl::OkStatus();
 }
 
+// The optional `fused` attribute (numerics.md section 7): empty for one rounding per
+// addition, else [terms, fraction_bits, zero_exponent, operand_emin, output_rounding],
+// each checked as the int64 it arrives as, the message naming the field and its value.
+inline absl::Status ReadFused(tensorflow::OpKernelConstruction* ctx, const Format& accumulator,
+                              AccumParams* params) {
+  std::vector<int64_t> fused;
+  if (ctx->HasAttr("fused")) TF_RETURN_IF_ERROR(ctx->GetAttr("fused", &fused));
+  if (fused.empty()) return absl::OkStatus();
+  if (fused.size() != 5) {
+    return absl::InvalidArgumentError(
+        "fused must be [terms, fraction_bits, zero_exponent, operand_emin, output_rounding] "
+        "(5 integers) or empty, got " + std::to_string(fused.size()) + " values");
+  }
+  const int bad = invalid_fused_field(fused.data());
+  if (bad >= 0) {
+    const FormatField& field = kFusedFields[bad];
+    return absl::InvalidArgumentError(
+        std::string("fused: ") + field.name + " must be in " + std::to_string(field.lo) +
+        ".." + std::to_string(field.hi) + ", got " + std::to_string(fused[bad]));
+  }
+  // What set_fused can still refuse is a product format next to the adder.
+  if (const char* problem = set_fused(fused.data(), accumulator, params))
+    return absl::InvalidArgumentError(problem);
+  return absl::OkStatus();
+}
+
 // The op's configuration (numerics.md section 3) as the core's builder makes it, with the
 // configured seed: WithStep folds in each call's step.
 inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
@@ -74,7 +100,7 @@ inline absl::Status ReadAccumParams(tensorflow::OpKernelConstruction* ctx,
     return absl::InvalidArgumentError(std::string(problem) + ", got " +
                                       std::to_string(chunk_size));
   }
-  return absl::OkStatus();
+  return ReadFused(ctx, acc, params);
 }
 
 // The step input, the last input of every tfaccum op: a non-negative int64 scalar (on the

@@ -29,6 +29,8 @@ bool KnownShape(InferenceContext* c, ShapeHandle s, tensorflow::TensorShape* out
 // a format is [exponent_bits, mantissa_bits, subnormals, overflow_inf]; an empty
 // `product` means exact products. `policy` is the JSON of the layer's AccumPolicy, read
 // only by the Python gradient functions (it carries the bwd/grad configurations).
+// `fused`, when not empty, is a fused multi-term adder (numerics.md section 7):
+// [terms, fraction_bits, zero_exponent, operand_emin, output_rounding (1: toward zero)].
 //
 // Every op's LAST input is `step`, an int64 scalar >= 0: the training step whose
 // stochastic-rounding stream the op draws from (the seed of the draws is
@@ -40,7 +42,8 @@ bool KnownShape(InferenceContext* c, ShapeHandle s, tensorflow::TensorShape* out
       .Attr("chunk_accumulator: list(int) = [8, 23, 1, 0]")                  \
       .Attr("rounding: {'nearest_even', 'toward_zero', 'stochastic'} = 'nearest_even'") \
       .Attr("seed: int = 0")                                                 \
-      .Attr("policy: string = ''")
+      .Attr("policy: string = ''")                                           \
+      .Attr("fused: list(int) = []")
 
 REGISTER_OP("TfaccumQuantize")
     .Input("x: float")

@@ -5,7 +5,7 @@ A tensor core sums a dot product as the chain of numerics.md §7: ``D_0 = +0`` a
 toward zero to a multiple of ``2^(E - F)`` (``E`` the largest term exponent), added
 exactly and rounded once to the accumulator's ``m_out`` bits (toward zero on NVIDIA).
 Promotion every ``c`` products restarts the chain and adds each chunk's result to a
-float32 total (nearest-even). This module predicts the VRR of that chain and measures it::
+float32 total (nearest-even). This module predicts the VRR of that chain and measures it with the kernels::
 
     >>> from tfaccum import analysis
     >>> round(analysis.fused_variance_lost(65536, "hopper:e4m3"), 2)   # n (1 - VRR)
@@ -44,6 +44,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 from scipy.special import ndtr, ndtri
 
+from tfaccum.analysis.plan import effective_chunk
 from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, VRREstimate, _check_int,
                                   _ModeCurve, _pdf, _sequential, _sigma_key,
                                   passes_criterion)
@@ -51,8 +52,8 @@ from tfaccum.config import BINARY32, AccumConfig, FloatFormat, FusedAdder, as_fo
 from tfaccum.presets import OPERAND_FORMATS, TensorCoreModel, model as _preset_model
 
 __all__ = ["FusedSetup", "PromotionSearch", "fused_setup", "fused_variance_lost",
-           "fused_vrr", "fused_vrr_monte_carlo", "fused_chain", "longest_promotion_interval",
-           "promotion_candidates"]
+           "fused_vrr", "fused_vrr_monte_carlo", "longest_promotion_interval",
+           "promotion_candidates", "product_variance_of"]
 
 HardwareLike = Union[TensorCoreModel, str, FusedAdder]
 
@@ -133,7 +134,7 @@ def fused_setup(hardware: HardwareLike, accumulator=None, operands=None) -> Fuse
 
 
 # ---------------------------------------------------------------------------------------
-# Bit-level helpers shared by the model and the numpy chain
+# Bit-level helpers
 # ---------------------------------------------------------------------------------------
 def _floor_log2(x: np.ndarray) -> np.ndarray:
     """floor(log2 x) of positive float64 values, exactly (frexp: x = f 2^e, f in [0.5, 1))."""
@@ -473,18 +474,34 @@ def _chain_state(n: int, setup: FusedSetup) -> np.ndarray:
     return state
 
 
+def _sparse(setup: FusedSetup, n: int, effective: Optional[int], c: int):
+    """(setup, length, promotion) in non-zero products: zeros keep their slots, so a
+    block of L holds L n_eff / n non-zero products and an interval c holds c n_eff / n
+    (as for chunks, plan.effective_chunk); a zero term adds nothing to a block (C5)."""
+    if effective is None or effective == n:
+        return setup, n, (0 if c >= n else c)
+    effective = _check_int("effective_length", effective, 0, n)
+    terms = max(1, min(64, int(round(setup.adder.terms * effective / n))))
+    adder = dataclasses.replace(setup.adder, terms=terms)
+    return (dataclasses.replace(setup, adder=adder), effective,
+            effective_chunk(c, n, effective))
+
+
 def fused_variance_lost(n: int, hardware: HardwareLike, promote_every: int = 0, *,
-                        accumulator=None, operands=None) -> float:
-    """``n (1 - VRR) = E[(c - x)^2] / sigma^2`` of the fused chain (docs/vrr.md §14),
+                        accumulator=None, operands=None,
+                        effective_length: Optional[int] = None) -> float:
+    """``n_eff (1 - VRR) = E[(c - x)^2] / sigma^2`` of the fused chain (docs/vrr.md §14),
     ``sigma^2 = E[(a b)^2]`` for the rounded N(0, 1) operands.
 
     ``promote_every = c > 0``: chunks of c products each summed by the chain, their
     results added in float32 nearest-even (numerics.md §7); inner errors of independent
     chunks are uncorrelated, the float32 level is the nearest-even model of §7.
+    ``effective_length``: the non-zero products among the ``n`` (default all).
     """
     setup = fused_setup(hardware, accumulator, operands)
     n = _check_int("n", n, 0)
     c = _check_int("promote_every", promote_every, 0)
+    setup, n, c = _sparse(setup, n, effective_length, c)
     if n == 0:
         return 0.0
     dist = _products(setup.operands, setup.adder.operand_emin)
@@ -500,14 +517,17 @@ def fused_variance_lost(n: int, hardware: HardwareLike, promote_every: int = 0, 
 
 
 def fused_vrr(n: int, hardware: HardwareLike, promote_every: int = 0, *, accumulator=None,
-              operands=None) -> float:
-    """Analytical VRR ``1 - E[(c - x)^2] / (n sigma^2)`` of the fused chain over n
-    products (docs/vrr.md §14); see :func:`fused_variance_lost`."""
+              operands=None, effective_length: Optional[int] = None) -> float:
+    """Analytical VRR ``1 - E[(c - x)^2] / (n_eff sigma^2)`` of the fused chain over n
+    products, ``n_eff = effective_length`` of them non-zero (default all; docs/vrr.md
+    §14); see :func:`fused_variance_lost`."""
     n = _check_int("n", n, 0)
-    if n == 0:
+    n_eff = n if effective_length is None else _check_int("effective_length",
+                                                          effective_length, 0, n)
+    if n_eff == 0:
         return 1.0
     return 1.0 - fused_variance_lost(n, hardware, promote_every, accumulator=accumulator,
-                                     operands=operands) / n
+                                     operands=operands, effective_length=n_eff) / n_eff
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,20 +558,23 @@ def promotion_candidates(n: int, terms: int) -> Tuple[int, ...]:
 
 
 def longest_promotion_interval(n: int, hardware: HardwareLike, *, accumulator=None,
-                               operands=None, cutoff: float = 50.0,
-                               criterion: str = "bounded",
+                               operands=None, effective_length: Optional[int] = None,
+                               cutoff: float = 50.0, criterion: str = "bounded",
                                max_relative_loss: float = DEFAULT_MAX_RELATIVE_LOSS
                                ) -> PromotionSearch:
     """The longest promotion interval (a multiple ``L 2^k`` of the block, or ``n``: no
     promotion) whose analytical retention passes the criterion
-    (:func:`tfaccum.analysis.passes_criterion`)."""
+    (:func:`tfaccum.analysis.passes_criterion`, for the ``effective_length`` non-zero
+    products)."""
     setup = fused_setup(hardware, accumulator, operands)
     n = _check_int("n", n, 0)
-    if n == 0:
-        return PromotionSearch(0, 1.0, True, 0, 1.0, ())
-    table = [(c, fused_vrr(n, setup, 0 if c >= n else c)) for c in
-             promotion_candidates(n, setup.adder.terms)]
-    ok = [passes_criterion(n, v, cutoff, criterion=criterion,
+    n_eff = n if effective_length is None else _check_int("effective_length",
+                                                          effective_length, 0, n)
+    if n_eff == 0:
+        return PromotionSearch(n, 1.0, True, n, 1.0, ((n, 1.0),) if n else ())
+    table = [(c, fused_vrr(n, setup, 0 if c >= n else c, effective_length=n_eff))
+             for c in promotion_candidates(n, setup.adder.terms)]
+    ok = [passes_criterion(n_eff, v, cutoff, criterion=criterion,
                            max_relative_loss=max_relative_loss) for _, v in table]
     passing = [(c, v) for (c, v), good in zip(table, ok) if good]
     best = max(passing) if passing else (0, table[0][1])
@@ -560,83 +583,47 @@ def longest_promotion_interval(n: int, hardware: HardwareLike, *, accumulator=No
 
 
 # ---------------------------------------------------------------------------------------
-# The chain itself, vectorised (a stand-in for the kernels; checked against the reference)
+# Monte Carlo with the kernels
 # ---------------------------------------------------------------------------------------
-def _round_result(total: np.ndarray, fmt: FloatFormat, rounding: str) -> np.ndarray:
-    """Round exact float64 values to ``fmt`` (numerics.md §2 and §7's overflow rule)."""
-    mag = np.abs(total)
-    nz = mag > 0
-    e = np.where(nz, _floor_log2(np.where(nz, mag, 1.0)), 0)
-    ulp = np.exp2((np.maximum(e, fmt.emin) - fmt.mantissa_bits).astype(float))
-    q = mag / ulp
-    q = np.floor(q) if rounding == "toward_zero" else np.rint(q)  # rint: ties to even
-    out = q * ulp
-    if not fmt.subnormals:
-        out = np.where(out < fmt.smallest_normal, 0.0, out)
-    if fmt.overflow == "inf":
-        over = (mag >= 2.0 ** (fmt.emax + 1)) if rounding == "toward_zero" else \
-            (out > fmt.max_value)
-        out = np.where(over, np.inf, out)
-    else:
-        out = np.minimum(out, fmt.max_value)
-    return np.copysign(out, total) * nz  # an exact zero is +0
+# Trials per accum_matmul call: a [g, n] times b^T [n, g] computes g^2 dot products, of
+# which the diagonal's g are independent (row i of a with row i of b).
+_MC_GROUP = 32
 
 
-def _exponents(x: np.ndarray, emin: int, zero_exp: int) -> np.ndarray:
-    mag = np.abs(x)
-    nz = mag > 0
-    e = _floor_log2(np.where(nz, mag, 1.0))
-    return np.where(nz, np.maximum(e, emin), zero_exp)
+def _kernel_trials(a: np.ndarray, b: np.ndarray, config: AccumConfig) -> np.ndarray:
+    """``sum_k a[t, k] b[t, k]`` for every row t, each summed by tfaccum's kernel."""
+    import tensorflow as tf  # noqa: WPS433 - heavy import only where needed
+
+    from tfaccum.ops import accum_matmul  # noqa: WPS433
+
+    out = np.empty(a.shape[0])
+    for lo in range(0, a.shape[0], _MC_GROUP):
+        hi = min(a.shape[0], lo + _MC_GROUP)
+        c = accum_matmul(tf.constant(a[lo:hi]), tf.constant(np.ascontiguousarray(b[lo:hi].T)),
+                         config)
+        out[lo:hi] = np.diagonal(np.asarray(c, dtype=np.float64))
+    return out
 
 
-def fused_chain(a: np.ndarray, b: np.ndarray, setup: FusedSetup,
-                promote_every: int = 0) -> np.ndarray:
-    """Row-wise dot products ``sum_k a[t, k] b[t, k]`` of finite float32 operands as the
-    fused chain of numerics.md §7 computes them (promotion included), in float64
-    vectorised over rows. Bit for bit the reference's (``tfaccum.reference.fused_block``;
-    tests/test_fused_analysis.py); NaN and Inf are not handled."""
-    adder, acc = setup.adder, setup.accumulator
-    a64 = np.asarray(a, np.float64)
-    b64 = np.asarray(b, np.float64)
-    prod = a64 * b64  # exact: two float32 significands fit in 53 bits
-    pexp = np.where(prod != 0.0,
-                    _exponents(a64, adder.operand_emin, 0)
-                    + _exponents(b64, adder.operand_emin, 0), adder.zero_exponent)
-    rows, n = prod.shape
-    chunk = promote_every if promote_every > 0 else max(n, 1)
-    total = np.zeros(rows)
-    for start in range(0, n, chunk):
-        d = np.zeros(rows)
-        for lo in range(start, min(n, start + chunk), adder.terms):
-            hi = min(n, start + chunk, lo + adder.terms)
-            d_exp = _exponents(d, acc.emin, adder.zero_exponent)
-            big = np.maximum(d_exp, pexp[:, lo:hi].max(axis=1))
-            grid = np.exp2((big - adder.fraction_bits).astype(float))[:, None]
-            terms = np.concatenate([d[:, None], prod[:, lo:hi]], axis=1)
-            kept = np.trunc(terms / grid) * grid  # toward zero; exact (power-of-two scale)
-            d = _round_result(kept.sum(axis=1), acc, adder.output_rounding)  # sum exact
-        if promote_every > 0:
-            total = _round_result(total + d, setup.chunk_accumulator, "nearest_even")
-        else:
-            total = d
-    return total
+def _draw_operands(rng, shape, fmt: FloatFormat) -> np.ndarray:
+    """N(0, 1) float32 draws rounded nearest-even to the operand format (the kernel's
+    quantize)."""
+    from tfaccum.ops import quantize  # noqa: WPS433
 
-
-# ---------------------------------------------------------------------------------------
-# Monte Carlo
-# ---------------------------------------------------------------------------------------
-def _round_operands(x: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """N(0, 1) draws rounded nearest-even to the operand format (as float32)."""
-    return _round_result(np.asarray(x, np.float64), fmt, "nearest_even").astype(np.float32)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return np.asarray(quantize(x, fmt), dtype=np.float32)
 
 
 def fused_vrr_monte_carlo(n: int, hardware: HardwareLike, promote_every: int = 0,
                           trials: int = 400, seed: int = 0, confidence: float = 0.95, *,
                           accumulator=None, operands=None,
                           max_block_elements: int = 1 << 24) -> VRREstimate:
-    """The VRR of the fused chain, measured: ``trials`` independent dot products of
-    operands ``a, b ~ N(0, 1)`` rounded to the operand format, each summed by the chain
-    (:func:`fused_chain`), against the exact float64 sum; ``value = 1 - mean((c - x)^2)
+    """The VRR of the fused chain, measured with tfaccum's kernels: ``trials``
+    independent dot products of operands ``a, b ~ N(0, 1)`` rounded (nearest-even) to the
+    operand format, each summed by ``tfaccum.accum_matmul`` with the hardware's config
+    (the diagonal of ``a [g, n] b^T [n, g]`` for groups of g trials), against the exact
+    float64 sum (products of two float32 values are exact in float64; the sum's own error
+    is ~1e-16 relative); ``value = 1 - mean((c - x)^2)
     / (n sigma^2)`` with ``sigma^2 = E[(a b)^2]`` (exact), and the CLT interval of
     docs/vrr.md §8. ``acc_mantissa_bits`` of the result is the accumulator's ``m_out``,
     ``product_mantissa_bits`` the products' ``2 m + 1``, ``chunk_size`` the promotion."""
@@ -653,16 +640,17 @@ def fused_vrr_monte_carlo(n: int, hardware: HardwareLike, promote_every: int = 0
         return VRREstimate(1.0, 1.0, 1.0, 0, m_out, mp, c, trials, confidence, 0.0, 0.0,
                            "toward_zero")
     dist = _products(setup.operands, setup.adder.operand_emin)
+    config = setup.config(0 if c >= n else c)
     rng = np.random.default_rng(seed)
     rows = max(1, min(trials, max_block_elements // n))
     sq = np.empty(trials)
     done = 0
     while done < trials:
         block = min(rows, trials - done)
-        a = _round_operands(rng.standard_normal((block, n)), setup.operands)
-        b = _round_operands(rng.standard_normal((block, n)), setup.operands)
+        a = _draw_operands(rng, (block, n), setup.operands)
+        b = _draw_operands(rng, (block, n), setup.operands)
         exact = np.sum(a.astype(np.float64) * b.astype(np.float64), axis=1)
-        sq[done:done + block] = np.square(fused_chain(a, b, setup, c) - exact)
+        sq[done:done + block] = np.square(_kernel_trials(a, b, config) - exact)
         done += block
     mse = float(sq.mean())
     stderr = float(sq.std(ddof=1) / math.sqrt(trials))

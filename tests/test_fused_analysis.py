@@ -210,7 +210,7 @@ def test_predict_tensor_core_walks_the_gemms_as_predict_does():
         for g in analysis.GEMMS:
             assert plan[layer.layer].gemm(g).length == layer.gemm(g).length
     text = plan.table()
-    assert "hopper:e4m3" in text and "assumptions:" in text and "@128" in text
+    assert "hopper:e4m3" in text and "assumptions (docs/vrr.md 14)" in text and "@128" in text
     assert all(p.passes for _, _, p in plan.gemms())  # short GEMMs: all pass
     half = analysis.predict_tensor_core(model, "hopper:e4m3", batch_size=64, sparsity=0.5)
     for _, _, p in half.gemms():
@@ -226,7 +226,7 @@ def test_cli_tensor_core(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     assert "Tensor-core plan for digits_cnn on hopper:e4m3" in out
-    assert "n(1-VRR) @128" in out and "assumptions:" in out
+    assert "n(1-VRR) @128" in out and "assumptions (docs/vrr.md 14)" in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "p.png").stat().st_size > 0
 

@@ -5,7 +5,8 @@ A tensor core sums a dot product as the chain of numerics.md §7: ``D_0 = +0`` a
 toward zero to a multiple of ``2^(E - F)`` (``E`` the largest term exponent), added
 exactly and rounded once to the accumulator's ``m_out`` bits (toward zero on NVIDIA).
 Promotion every ``c`` products restarts the chain and adds each chunk's result to a
-float32 total (nearest-even). This module predicts the VRR of that chain and measures it with the kernels::
+float32 total (nearest-even). This module predicts the VRR of that chain and measures it
+with the kernels::
 
     >>> from tfaccum import analysis
     >>> round(analysis.fused_variance_lost(65536, "hopper:e4m3"), 2)   # n (1 - VRR)
@@ -623,8 +624,8 @@ def fused_vrr_monte_carlo(n: int, hardware: HardwareLike, promote_every: int = 0
     operand format, each summed by ``tfaccum.accum_matmul`` with the hardware's config
     (the diagonal of ``a [g, n] b^T [n, g]`` for groups of g trials), against the exact
     float64 sum (products of two float32 values are exact in float64; the sum's own error
-    is ~1e-16 relative); ``value = 1 - mean((c - x)^2)
-    / (n sigma^2)`` with ``sigma^2 = E[(a b)^2]`` (exact), and the CLT interval of
+    is ~1e-16 relative): ``value = 1 - mean((c - x)^2) / (n sigma^2)`` with
+    ``sigma^2 = E[(a b)^2]`` (exact, by enumeration), and the CLT interval of
     docs/vrr.md §8. ``acc_mantissa_bits`` of the result is the accumulator's ``m_out``,
     ``product_mantissa_bits`` the products' ``2 m + 1``, ``chunk_size`` the promotion."""
     setup = fused_setup(hardware, accumulator, operands)
@@ -638,7 +639,7 @@ def fused_vrr_monte_carlo(n: int, hardware: HardwareLike, promote_every: int = 0
     mp = min(23, 2 * setup.operands.mantissa_bits + 1)
     if n == 0:
         return VRREstimate(1.0, 1.0, 1.0, 0, m_out, mp, c, trials, confidence, 0.0, 0.0,
-                           "toward_zero")
+                           setup.adder.output_rounding)
     dist = _products(setup.operands, setup.adder.operand_emin)
     config = setup.config(0 if c >= n else c)
     rng = np.random.default_rng(seed)

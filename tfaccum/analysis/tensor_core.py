@@ -15,7 +15,7 @@ interval ``L 2^k`` that does::
     Tensor-core plan for digits_cnn on hopper:e4m3: L=32, F=13, result e8m13 toward-zero, operands e4m3, batch 64
     criterion bounded: v(n) = exp(n(1-VRR)) < 50 and 1-VRR <= 0.56 %
     statistics: sparsity none, assumed, not measured
-    assumptions: operands i.i.d. N(0,1) (after any scaling) rounded to e4m3, ...
+    assumptions (docs/vrr.md 14): C1 operands i.i.d. N(0,1) (after any scaling) rounded to e4m3, ...
     ---...
     layer       | GEMM |    n n_eff    1-VRR n(1-VRR) pass     longest n(1-VRR) @128 pass @128 seq bits
     ---...
@@ -121,22 +121,23 @@ class TensorCorePlan:
     def assumptions(self) -> str:
         """Everything the numbers rest on, in words (docs/vrr.md §14)."""
         return (
-            "assumptions: operands i.i.d. N(0,1) (after any scaling) rounded to "
-            f"{self.setup.operands.name}, products exact; the chain of numerics.md §7 "
-            "(K walked in order, one accumulator per output); analytical model of "
-            "docs/vrr.md §14 (joint-Gaussian running sum and exact sum, one step per block; "
-            "residuals uniform below the grid; a block's sum Gaussian; D's last bit at its "
-            "grid); zeros keep their slots, so a block of L holds L n_eff/n non-zero "
-            "products and an interval c holds c n_eff/n; promotion adds chunk results in "
-            f"{self.setup.chunk_accumulator.name} nearest-even; sparsity {self.sparsity}; "
-            f"seq bits: paper-style sequential nearest-even width for m_p="
-            f"{self.product_mantissa_bits} (docs/vrr.md §1-7)")
+            "assumptions (docs/vrr.md 14): C1 operands i.i.d. N(0,1) (after any scaling) "
+            f"rounded to {self.setup.operands.name}, products exact; the chain of "
+            "numerics.md 7 walking K in order, one accumulator per output, no overflow; "
+            "B1-B3 the running and exact sums jointly Gaussian, one step per block; C2 D's "
+            "last bit at its block's grid; C3 a block's sum Gaussian; C4 residuals uniform "
+            "below a grid; C5 zeros keep their slots (a block of L holds L n_eff/n "
+            "non-zero products, an interval c holds c n_eff/n); promotion adds chunk "
+            f"results in {self.setup.chunk_accumulator.name} nearest-even; seq bits: the "
+            f"paper-style sequential nearest-even width for m_p={self.product_mantissa_bits} "
+            "(docs/vrr.md 1-7)")
 
     def header(self) -> str:
         name = f" for {self.model}" if self.model else ""
         lines = [f"Tensor-core plan{name} on {self.setup.describe()}, batch "
                  f"{self.batch_size}",
-                 f"criterion {criterion_description(self.criterion, self.cutoff, self.max_relative_loss)}"]
+                 "criterion " + criterion_description(self.criterion, self.cutoff,
+                                                      self.max_relative_loss)]
         if self.statistics:
             lines.append(f"statistics: {self.statistics}")
         lines.append(self.assumptions())

@@ -1,7 +1,7 @@
 """Speed of the tfaccum kernels relative to native TensorFlow, measured in one run.
 
     python examples/benchmark.py                 # matmul, conv and training-step tables
-    python examples/benchmark.py --only=matmul   # or --only=conv, --only=step
+    python examples/benchmark.py --only=matmul   # or --only=conv, --only=step, --only=fused
     python examples/benchmark.py --repeats=5
     TFACCUM_ENGINE_ISA=avx2 python examples/benchmark.py   # another engine path
 
@@ -10,7 +10,9 @@ in this process; ratios are tfaccum / native for the same shapes and pass. The N
 column is a straightforward NumPy emulation that loops over k and rounds the whole output
 after each addition (what one writes without tfaccum). "FP8" rows round both operands to
 E5M2 first, inside the timed call (the paper's setting; the engine then adds in binary32
-lanes, tfaccum/engine.py); "float32" rows take the operands as they are.
+lanes, tfaccum/engine.py); "float32" rows take the operands as they are. The fused table
+compares the fused multi-term adder (numerics.md §7, tensor-core accumulation) with the
+sequential path on the same operands and accumulator.
 """
 
 import argparse
@@ -23,7 +25,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfaccum  # noqa: E402
-from tfaccum import AccumConfig, AccumPolicy, FloatFormat, engine  # noqa: E402
+from tfaccum import AccumConfig, AccumPolicy, FloatFormat, engine, reference  # noqa: E402
+from tfaccum.config import FusedAdder  # noqa: E402
 
 FP8 = FloatFormat(5, 2)  # E5M2 operands, as in the paper
 
@@ -74,6 +77,45 @@ def bench_matmul(repeats, numpy_limit):
                     print(f"| {M}x{K}x{N} | {'FP8' if operands else 'float32'} | e8m{m} | "
                           f"{chunk or 'seq'} | {native * 1e3:.2f} | {t * 1e3:.1f} | "
                           f"{t / native:.1f} | {np_cols[0]} | {np_cols[1]} |", flush=True)
+
+
+def bench_fused(repeats):
+    """The fused adder (numerics.md §7) against the sequential path with the same
+    operands (already in the operand format, outside the timed call), accumulator and
+    output rounding, and against native tf.matmul."""
+    rng = np.random.default_rng(3)
+    e4m3 = FloatFormat(4, 3, overflow="saturate")
+    fp16 = FloatFormat(5, 10, overflow="inf")
+    rows = [  # label, operands, accumulator, its rounding, adder
+        ("FP8 E4M3 -> e8m13 RZ", "e4m3", e4m3, FloatFormat(8, 13, overflow="inf"),
+         FusedAdder(32, 13, -133, -6, "toward_zero")),
+        ("fp16 -> e8m23 RZ", "fp16", fp16, FloatFormat(8, 23, overflow="inf"),
+         FusedAdder(16, 25, -127, -14, "toward_zero")),
+    ]
+    print("\n## fused adder vs sequential (time in ms; ratios fused / sequential and fused / "
+          "tf.matmul float32)\n")
+    print("| M x K x N | operands -> accumulator | adder | chunk | tf.matmul | sequential | "
+          "fused | fused / sequential | fused / native |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for M, K, N in [(512, 512, 512)]:
+        for label, name, operands, acc, adder in rows:
+            def operand(shape):
+                values = rng.standard_normal(shape).astype(np.float32)
+                return tf.constant(np.asarray(reference.quantize(values, operands), np.float32))
+
+            a, b = operand((M, K)), operand((K, N))
+            native = median_time(lambda: tf.matmul(a, b).numpy(), repeats)
+            for chunk in (0, 128):
+                sequential = AccumConfig(accumulator=acc, rounding="toward_zero",
+                                         chunk_size=chunk)
+                fused = sequential.replace(fused=adder)
+                t_seq = median_time(lambda: tfaccum.accum_matmul(a, b, sequential).numpy(),
+                                    repeats)
+                t_fused = median_time(lambda: tfaccum.accum_matmul(a, b, fused).numpy(), repeats)
+                print(f"| {M}x{K}x{N} | {label} | L={adder.terms} F={adder.fraction_bits} | "
+                      f"{chunk or 'none'} | {native * 1e3:.2f} | {t_seq * 1e3:.1f} | "
+                      f"{t_fused * 1e3:.1f} | {t_fused / t_seq:.2f} | {t_fused / native:.1f} |",
+                      flush=True)
 
 
 CONV_LAYERS = [
@@ -166,7 +208,7 @@ def bench_training_step(repeats, batch=128):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["matmul", "conv", "step"], default=None)
+    parser.add_argument("--only", choices=["matmul", "conv", "step", "fused"], default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy_limit", type=int, default=512 ** 3,
                         help="largest M*K*N for which the NumPy loop is timed")
@@ -181,6 +223,8 @@ def main():
         bench_matmul(args.repeats, args.numpy_limit)
     if args.only in (None, "conv"):
         bench_conv(args.repeats)
+    if args.only in (None, "fused"):
+        bench_fused(args.repeats)
     if args.only in (None, "step"):
         bench_training_step(args.repeats)
 

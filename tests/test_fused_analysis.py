@@ -240,3 +240,19 @@ def test_cli_tensor_core_bad_flags(args, capsys):
     assert analyze.main(["analyze", "--sparsity=none"] + args) == 2
     err = capsys.readouterr().err
     assert err.startswith("python -m tfaccum.analyze: error:") and err.count("\n") == 1
+
+
+def test_predict_tensor_core_measured_sparsity():
+    """Measured sparsity shortens the chains: each GEMM is modelled on its non-zero
+    products, with L n_eff / n of them per block (C5)."""
+    model = tfaccum.models.digits_cnn()
+    with pytest.warns(RuntimeWarning, match="synthetic"):
+        plan = analysis.predict_tensor_core(model, "hopper:e4m3", batch_size=64,
+                                            max_batches=1, measure_batch_size=16)
+    assert "synthetic" in plan.statistics and "NOT real data" in plan.statistics
+    sparse = [p for _, _, p in plan.gemms() if p.effective_length < p.length]
+    assert sparse  # ReLU zeros
+    for p in sparse:
+        assert p.vrr == analysis.fused_vrr(p.length, "hopper:e4m3",
+                                           effective_length=p.effective_length)
+        assert p.vrr >= analysis.fused_vrr(p.length, "hopper:e4m3")

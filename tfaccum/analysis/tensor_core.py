@@ -277,8 +277,9 @@ def plot_promotion(plan: TensorCorePlan, path: str) -> str:
         label = f"n={n}" + (f" (n_eff {n_eff})" if n_eff != n else "")
         ax.plot(xs, [n_eff * r for r in rel], marker="o", ms=3, color=color, label=label)
         ax_rel.plot(xs, rel, marker="o", ms=3, color=color, label=label)
-    ax.axhline(math.log(plan.cutoff), color="k", ls="--", lw=1,
-               label=f"ln {plan.cutoff:g}: n(1-VRR) bound")
+    bound = ax.axhline(math.log(plan.cutoff), color="k", ls="--", lw=1,
+                       label=f"ln {plan.cutoff:g}: n(1-VRR) bound")
+    ax.legend(handles=[bound], fontsize=7, loc="upper left")
     if plan.criterion == "bounded":
         ax_rel.axhline(plan.max_relative_loss, color="k", ls=":", lw=1,
                        label="1-VRR bound")

@@ -39,16 +39,27 @@ Bit-Width Scaling For Ultra-Low Precision Training Of Deep Networks" (ICLR 2019)
 * :class:`GemmProbe`: a layer's GEMMs with the real kernels, emulated against exact, on
   real operands: the direct measurement ``predict`` falls back on and the training
   driver's health probe uses.
+* :func:`fused_vrr` / :func:`fused_vrr_monte_carlo`: the same for a tensor core's fused
+  multi-term adder chain (numerics.md §7; docs/vrr.md §14), e.g. ``"hopper:e4m3"``, with
+  promotion; :func:`longest_promotion_interval`: the longest promotion interval that
+  passes the criterion; :func:`predict_tensor_core`: that for every GEMM of a network
+  (``python -m tfaccum.analyze --tensor_core=hopper:e4m3``), :func:`plot_promotion` its
+  retention against the promotion interval.
 * :func:`plot_vrr`: VRR against n, analytical curves and Monte Carlo points (matplotlib).
 
 (``analysis.vrr`` and ``analysis.predict`` are the functions; their modules are
 ``tfaccum.analysis.vrr`` and ``tfaccum.analysis.predict`` in ``sys.modules``.)
 """
 
+from tfaccum.analysis.fused import (FusedSetup, PromotionSearch, fused_setup, fused_variance_lost,
+                                    fused_vrr, fused_vrr_monte_carlo,
+                                    longest_promotion_interval)
 from tfaccum.analysis.measure import GemmErrors, GemmProbe
 from tfaccum.analysis.plan import GEMMS, GemmPrediction, LayerPrediction, PrecisionPlan
 from tfaccum.analysis.predict import (GemmStatistics, Statistics, measure_sparsity,
                                       measure_statistics, predict)
+from tfaccum.analysis.tensor_core import (TensorCoreGemm, TensorCoreLayer, TensorCorePlan,
+                                          plot_promotion, predict_tensor_core)
 from tfaccum.analysis.vrr import (
     CRITERIA,
     DEFAULT_MAX_RELATIVE_LOSS,
@@ -72,19 +83,29 @@ from tfaccum.inventory import gemm_layers, layer_lengths  # which GEMMs a model 
 __all__ = [
     "CRITERIA",
     "DEFAULT_MAX_RELATIVE_LOSS",
+    "FusedSetup",
     "GEMMS",
     "GemmErrors",
     "GemmProbe",
     "GemmStatistics",
     "ROUNDINGS",
     "Statistics",
+    "TensorCoreGemm",
+    "TensorCoreLayer",
+    "TensorCorePlan",
     "criterion_description",
+    "fused_setup",
+    "fused_variance_lost",
+    "fused_vrr",
+    "fused_vrr_monte_carlo",
+    "longest_promotion_interval",
     "measure_statistics",
     "operand_noise",
     "GemmPrediction",
     "LayerPrediction",
     "MONTE_CARLO_EXPONENT_BITS",
     "PrecisionPlan",
+    "PromotionSearch",
     "VRREstimate",
     "empirical_vrr",
     "gemm_layers",
@@ -92,8 +113,10 @@ __all__ = [
     "measure_sparsity",
     "min_mantissa_bits",
     "passes_criterion",
+    "plot_promotion",
     "plot_vrr",
     "predict",
+    "predict_tensor_core",
     "product_variance",
     "v_criterion",
     "variance_lost",

@@ -22,6 +22,18 @@ on N(0, 1) inputs instead, and the plan says so; ``--sparsity=none`` ignores zer
 number in [0, 1] is used for every GEMM, both measuring nothing (the plan states the
 assumption). ``--rounding`` and ``--criterion`` select the accumulator's rounding mode and
 the criterion (docs/vrr.md 2b, 12). A bad flag prints one error line and exits 2.
+
+``--tensor_core=hopper:e4m3`` (any ``arch:operands`` of tfaccum.presets) analyses the GEMMs
+as that hardware's fused adders accumulate them instead (docs/vrr.md 14)::
+
+    python -m tfaccum.analyze --model=resnet18 --tensor_core=hopper:e4m3 --sparsity=none \
+        [--promote_every=128] [--plot=promotion.png]
+
+prints, per GEMM, the retention without promotion, whether it passes the criterion, the
+longest promotion interval that does, the retention at ``--promote_every`` and the
+paper-style sequential width, with the assumptions; ``--plot`` draws the retention
+against the promotion interval for each distinct GEMM length (skipped without
+matplotlib).
 """
 
 from __future__ import annotations
@@ -85,6 +97,12 @@ flags.DEFINE_string("plot", None, "Write a VRR-vs-n PNG to this path (needs matp
 flags.DEFINE_integer("plot_trials", 100, "Monte Carlo trials per point of --plot.",
                      lower_bound=2, flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed for synthetic inputs and Monte Carlo.", flag_values=FLAGS)
+flags.DEFINE_string("tensor_core", None, "Analyse the GEMMs as this hardware accumulates them, "
+                    "e.g. hopper:e4m3 (tfaccum.presets): per GEMM the retention without "
+                    "promotion, whether it passes, and the longest promotion interval that "
+                    "does (docs/vrr.md 14).", flag_values=FLAGS)
+flags.DEFINE_integer("promote_every", 0, "With --tensor_core: also evaluate promotion every "
+                     "this many products.", lower_bound=0, flag_values=FLAGS)
 
 
 class UsageError(Exception):
@@ -151,12 +169,46 @@ def _real_batches(dataset: str, input_shape, count: int, batch_size: int):
     return data.first_batches(FLAGS.seed, batch_size, count)
 
 
+def _tensor_core_setup():
+    from tfaccum.analysis.fused import fused_setup  # noqa: WPS433
+
+    try:
+        return fused_setup(FLAGS.tensor_core)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--tensor_core: {err}") from None
+
+
+def _run_tensor_core(analysis, model, data, sparsity) -> str:
+    """--tensor_core: the tensor-core table (and plot) instead of the precision plan."""
+    plan = analysis.predict_tensor_core(
+        model, _tensor_core_setup(), FLAGS.batch_size, promote_every=FLAGS.promote_every,
+        data=data, sparsity=sparsity, cutoff=FLAGS.cutoff, criterion=FLAGS.criterion,
+        max_batches=FLAGS.measure_batches, measure_batch_size=FLAGS.measure_batch_size,
+        seed=FLAGS.seed)
+    text = plan.table()
+    print(text)
+    if FLAGS.plot:
+        try:
+            analysis.plot_promotion(plan, FLAGS.plot)
+            print(f"plot written to {FLAGS.plot}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed")
+    return text
+
+
 def run(argv: List[str]) -> str:
     """Parse ``argv`` (program name first), predict, print and write; returns the text."""
     FLAGS.unparse_flags()
     FLAGS(argv)
     if not FLAGS.cutoff > 1.0:
         raise UsageError(f"--cutoff must be > 1, got {FLAGS.cutoff}")
+    if FLAGS.tensor_core:
+        _tensor_core_setup()  # a bad spec fails before any model is built
+        if FLAGS.output:
+            raise UsageError("--output writes a precision plan; it does not apply with "
+                             "--tensor_core")
+    elif FLAGS.promote_every:
+        raise UsageError("--promote_every needs --tensor_core")
     sparsity = _sparsity()
     shape = _input_shape()
     operands = _operands()
@@ -178,6 +230,8 @@ def run(argv: List[str]) -> str:
         if dataset != "synthetic":
             data = _real_batches(dataset, model.input_shape[1:], FLAGS.measure_batches,
                                  FLAGS.measure_batch_size)
+    if FLAGS.tensor_core:
+        return _run_tensor_core(analysis, model, data, sparsity)
     plan = analysis.predict(model, FLAGS.batch_size,
                             product_mantissa_bits=FLAGS.product_mantissa_bits,
                             chunk_size=FLAGS.chunk_size, data=data, sparsity=sparsity,

@@ -50,7 +50,8 @@ from tfaccum.config import ROUNDING_MODES, as_format
 from tfaccum.inventory import (SINGLE_GEMM, call_shapes, gemm_layers, gemm_rows,
                                layer_lengths, planned_layers)
 
-__all__ = ["predict", "measure_statistics", "measure_sparsity", "gemm_layers", "layer_lengths",
+__all__ = ["predict", "walk_gemms", "GemmWalk", "GemmLayer", "measure_statistics",
+           "measure_sparsity", "gemm_layers", "layer_lengths",
            "GemmStatistics", "Statistics"]
 
 SparsityLike = Union[str, float, None, Mapping[str, Any]]
@@ -518,6 +519,120 @@ def _measured_bits(probe, gemm: str, batch, passes, policy_for) -> Tuple[int, fl
     return lo, retention(lo)
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmLayer:
+    """One layer of the GEMM walk: its three GEMMs' lengths and sparsities, and what was
+    measured of them (None when nothing was)."""
+
+    layer: Any
+    lengths: Dict[str, int]
+    sparsity: Dict[str, float]
+    statistics: Optional[Dict[str, "GemmStatistics"]] = None
+    first_batch: Optional[Tuple[Any, Any]] = None
+    gemm_set: str = ""  # which GEMMs of a layer of several ("": the layer's one set)
+
+    def effective_length(self, gemm: str) -> int:
+        """Non-zero products per output: ``round((1 - sparsity) * length)``."""
+        return int(round((1.0 - self.sparsity[gemm]) * self.lengths[gemm]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmWalk:
+    """Every GEMM layer of a model with its lengths and sparsities (:func:`walk_gemms`),
+    the statistics measured (or None) and how the sparsity was obtained, in words."""
+
+    layers: Tuple[GemmLayer, ...]
+    stats: Optional["Statistics"]
+    description: str
+    unmeasured: Tuple[str, ...] = ()  # layers whose sparsity a measurement did not give
+
+
+def walk_gemms(model, batch_size: int, data=None, sparsity: SparsityLike = "measure", *,
+               max_batches: int = 4, measure_batch_size: Optional[int] = None,
+               loss: Optional[Callable] = None, training: bool = True, seed: int = 0,
+               keep_first_batch: bool = False) -> GemmWalk:
+    """The GEMMs a prediction walks (shared by :func:`predict` and
+    :func:`tfaccum.analysis.predict_tensor_core`): for each Dense/convolution layer of
+    ``model``, the FWD/BWD/GRAD lengths at ``batch_size`` (inventory.layer_lengths, the
+    longest over the shapes the layer was called on) and sparsities, measured on ``data``
+    (``sparsity="measure"``; synthetic N(0, 1) inputs with a warning when ``data`` is
+    None), given (a fraction or a mapping), or none (``None``). Arguments as
+    :func:`predict`'s."""
+    # Every layer whose GEMMs tfaccum emulates, in model order: those of one GEMM set on
+    # one kernel (measured as before), and the others (separable convolutions,
+    # EinsumDense, attention), one entry per GEMM set.
+    layers = planned_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no Dense or convolution layer")
+    stats: Optional[Statistics] = None
+    measured_shapes: Dict[str, list] = {}
+    if isinstance(sparsity, str):
+        if sparsity != "measure":
+            raise ValueError(f"sparsity must be 'measure', a fraction, None or a mapping, "
+                             f"got {sparsity!r}")
+        if data is None:
+            warnings.warn("predict without data measures sparsity on synthetic N(0, 1) "
+                          "inputs, not on real data: pass data= (the plan says so)",
+                          RuntimeWarning, stacklevel=3)
+        stats = measure_statistics(
+            model, data, batch_size=measure_batch_size or min(batch_size, 32),
+            max_batches=max_batches, loss=loss, training=training, seed=seed,
+            keep_first_batch=keep_first_batch)
+        spec, measured_shapes = stats.sparsity(), stats.shapes
+        description = "measured" if data is not None else "measured (synthetic N(0,1) inputs)"
+    elif sparsity is None:
+        spec, description = None, "none"
+    elif isinstance(sparsity, Mapping):
+        spec, description = sparsity, "given"
+    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        spec = _check_fraction(float(sparsity), "sparsity")
+        description = f"given {spec:g}"
+    else:
+        raise TypeError(f"sparsity must be 'measure', a fraction, None or a mapping, "
+                        f"got {type(sparsity).__name__}")
+
+    out, unmeasured = [], []
+    for layer in layers:
+        if not isinstance(layer, SINGLE_GEMM):
+            if isinstance(spec, Mapping) and layer.name not in spec:
+                unmeasured.append(layer.name)  # measure_statistics probes SINGLE_GEMM only
+                fractions = {g: 0.0 for g in GEMMS}
+            else:
+                fractions = _sparsity_for(spec, layer.name)
+            fractions = {g: _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
+                         for g in GEMMS}
+            for row in _gemm_sets(layer, measured_shapes, batch_size):
+                lengths = {}
+                for g in GEMMS:
+                    lengths[g] = getattr(row, g)
+                    if lengths[g] is None:
+                        raise ValueError(f"layer {layer.name!r} {row.gemm or ''} {g}: a "
+                                         "dimension its length needs is unknown")
+                out.append(GemmLayer(layer=layer, lengths=lengths, sparsity=fractions,
+                                     gemm_set=row.gemm or ""))
+            continue
+        pairs = call_shapes(layer) or measured_shapes.get(layer.name, [])
+        if not pairs:
+            raise ValueError(f"layer {layer.name!r} has never been called, so its input "
+                             "shape is unknown: call the model on data first or pass data=")
+        if len({p for p in pairs}) > 1:
+            warnings.warn(f"layer {layer.name!r} is called on several shapes; the plan uses "
+                          "the longest accumulation of each GEMM", RuntimeWarning,
+                          stacklevel=3)
+        lengths = {g: 0 for g in GEMMS}
+        for in_shape, out_shape in pairs:
+            for g, n in layer_lengths(layer, in_shape, out_shape, batch_size).items():
+                lengths[g] = max(lengths[g], n)
+        fractions = _sparsity_for(spec, layer.name)
+        fractions = {g: _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
+                     for g in GEMMS}
+        out.append(GemmLayer(
+            layer=layer, lengths=lengths, sparsity=fractions,
+            statistics=stats.layers.get(layer.name) if stats is not None else None,
+            first_batch=stats.first_batch.get(layer.name) if stats is not None else None))
+    return GemmWalk(tuple(out), stats, description, tuple(unmeasured))
+
+
 def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: int = 0,
             data=None, sparsity: SparsityLike = "measure", cutoff: float = 50.0,
             exponent_bits: int = 6, *, method: str = "analytical", operands=None,
@@ -593,39 +708,10 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     passes_criterion(1, 1.0, cutoff, criterion=criterion, max_relative_loss=max_relative_loss)
     operands = None if operands is None else as_format(operands)
     product = None if product is None else as_format(product)
-    # Every layer whose GEMMs tfaccum emulates, in model order: those of one GEMM set on
-    # one kernel (measured and planned as before), and the others (separable
-    # convolutions, EinsumDense, attention), one entry per GEMM set.
-    layers = planned_layers(model)
-    if not layers:
-        raise ValueError(f"model {model.name!r} has no Dense or convolution layer")
-
-    stats: Optional[Statistics] = None
-    measured_shapes: Dict[str, list] = {}
-    if isinstance(sparsity, str):
-        if sparsity != "measure":
-            raise ValueError(f"sparsity must be 'measure', a fraction, None or a mapping, "
-                             f"got {sparsity!r}")
-        if data is None:
-            warnings.warn("predict without data measures sparsity on synthetic N(0, 1) "
-                          "inputs, not on real data: pass data= (the plan says so)",
-                          RuntimeWarning, stacklevel=2)
-        stats = measure_statistics(
-            model, data, batch_size=measure_batch_size or min(batch_size, 32),
-            max_batches=max_batches, loss=loss, training=training, seed=seed,
-            keep_first_batch=direct and data is not None)
-        spec, measured_shapes = stats.sparsity(), stats.shapes
-        description = "measured" if data is not None else "measured (synthetic N(0,1) inputs)"
-    elif sparsity is None:
-        spec, description = None, "none"
-    elif isinstance(sparsity, Mapping):
-        spec, description = sparsity, "given"
-    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
-        spec = _check_fraction(float(sparsity), "sparsity")
-        description = f"given {spec:g}"
-    else:
-        raise TypeError(f"sparsity must be 'measure', a fraction, None or a mapping, "
-                        f"got {type(sparsity).__name__}")
+    walk = walk_gemms(model, batch_size, data, sparsity, max_batches=max_batches,
+                      measure_batch_size=measure_batch_size, loss=loss, training=training,
+                      seed=seed, keep_first_batch=direct and data is not None)
+    stats, description = walk.stats, walk.description
 
     criterion_kwargs = {"cutoff": cutoff, "rounding": rounding, "criterion": criterion,
                         "max_relative_loss": max_relative_loss}
@@ -641,54 +727,14 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
     def policy_for(m: int):
         return scratch.policies_for_bits(m)
 
-    entries, measured_gemms, unmeasured = [], [], []
-    for layer in layers:
-        if not isinstance(layer, SINGLE_GEMM):
-            if isinstance(spec, Mapping) and layer.name not in spec:
-                unmeasured.append(layer.name)  # measure_statistics probes SINGLE_GEMM only
-                fractions = {g: 0.0 for g in GEMMS}
-            else:
-                fractions = _sparsity_for(spec, layer.name)
-            for row in _gemm_sets(layer, measured_shapes, batch_size):
-                gemms = {}
-                for g in GEMMS:
-                    s = _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
-                    n = getattr(row, g)
-                    if n is None:
-                        raise ValueError(f"layer {layer.name!r} {row.gemm or ''} {g}: a "
-                                         "dimension its length needs is unknown")
-                    effective = int(round((1.0 - s) * n))
-                    chunked, seq = _predict_bits(n, effective, chunk_size,
-                                                 product_mantissa_bits, criterion_kwargs,
-                                                 method, mc_kwargs)
-                    prediction = GemmPrediction(
-                        length=n, effective_length=effective, sparsity=s,
-                        mantissa_bits=chunked,
-                        sequential_mantissa_bits=seq if chunk_size else None)
-                    gemms[g] = dataclasses.replace(
-                        prediction, retention=scratch.analytical_retention(prediction))
-                entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__,
-                                               gemm_set=row.gemm, **gemms))
-            continue
-        pairs = call_shapes(layer) or measured_shapes.get(layer.name, [])
-        if not pairs:
-            raise ValueError(f"layer {layer.name!r} has never been called, so its input "
-                             "shape is unknown: call the model on data first or pass data=")
-        if len({p for p in pairs}) > 1:
-            warnings.warn(f"layer {layer.name!r} is called on several shapes; the plan uses "
-                          "the longest accumulation of each GEMM", RuntimeWarning,
-                          stacklevel=2)
-        lengths = {g: 0 for g in GEMMS}
-        for in_shape, out_shape in pairs:
-            for g, n in layer_lengths(layer, in_shape, out_shape, batch_size).items():
-                lengths[g] = max(lengths[g], n)
-        fractions = _sparsity_for(spec, layer.name)
-        layer_stats = stats.layers.get(layer.name) if stats is not None else None
-        batch = stats.first_batch.get(layer.name) if stats is not None else None
+    entries, measured_gemms = [], []
+    for gemm_layer in walk.layers:
+        layer, lengths, fractions = gemm_layer.layer, gemm_layer.lengths, gemm_layer.sparsity
+        layer_stats, batch = gemm_layer.statistics, gemm_layer.first_batch
         probe = None
         gemms = {}
         for g in GEMMS:
-            s = _check_fraction(fractions[g], f"sparsity of {layer.name} {g}")
+            s = fractions[g]
             n = lengths[g]
             effective = int(round((1.0 - s) * n))
             chunked, seq = _predict_bits(n, effective, chunk_size, product_mantissa_bits,
@@ -717,12 +763,13 @@ def predict(model, batch_size: int, product_mantissa_bits: int = 5, chunk_size: 
                 prediction = dataclasses.replace(
                     prediction, retention=scratch.analytical_retention(prediction))
             gemms[g] = prediction
-        entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__, **gemms))
+        entries.append(LayerPrediction(layer=layer.name, kind=type(layer).__name__,
+                                       gemm_set=gemm_layer.gemm_set, **gemms))
     plan_settings["statistics"] = _statistics_text(stats, description, measured_gemms,
                                                    direct)
-    if unmeasured:
-        plan_settings["statistics"] += (
-            f"; sparsity not measured (no zeros assumed) for {', '.join(unmeasured)}")
+    if walk.unmeasured:
+        plan_settings["statistics"] += ("; sparsity not measured (no zeros assumed) for "
+                                        f"{', '.join(walk.unmeasured)}")
     return PrecisionPlan(layers=tuple(entries), **plan_settings)
 
 

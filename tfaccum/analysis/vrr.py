@@ -526,9 +526,15 @@ def _mode_rates(t: _ModeTables, state, product) -> Tuple[np.ndarray, float]:
 class _ModeCurve:
     """(V_s, D, L) on nodes k = 1..n_max for toward-zero or stochastic rounding: every
     step up to _EXACT_STEPS, then midpoint steps of min(k / 64, 0.25 V_s / |E[s e]|)
-    products; the nodes depend only on the curve's parameters (cacheable, extensible)."""
+    products; the nodes depend only on the curve's parameters (cacheable, extensible).
 
-    def __init__(self, tables: _ModeTables, product, first_state):
+    ``rates(tables, state, product)`` gives one step's d(V_s, D, L)/dk and contraction
+    rate: :func:`_mode_rates` for one rounded addition; the fused-adder model
+    (tfaccum.analysis.fused) steps one block at a time with its own rates."""
+
+    rates = staticmethod(_mode_rates)
+
+    def __init__(self, tables, product, first_state):
         self.tables, self.product = tables, tuple(float(v) for v in product)
         self._k = [1]
         self._state = [np.asarray(first_state, float)]
@@ -544,14 +550,14 @@ class _ModeCurve:
         if k >= n_max:
             return self
         while k < n_max:
-            rate, contraction = _mode_rates(self.tables, state, self.product)
+            rate, contraction = self.rates(self.tables, state, self.product)
             if k < _EXACT_STEPS:
                 state, k = state + rate, k + 1
             else:
                 dk = max(1, k // _STEPS_PER_E_FOLD)
                 if contraction > 0.0:
                     dk = max(1, min(dk, int(_CONTRACTION_STEP / contraction)))
-                mid, _ = _mode_rates(self.tables, state + 0.5 * dk * rate, self.product)
+                mid, _ = self.rates(self.tables, state + 0.5 * dk * rate, self.product)
                 state, k = state + dk * mid, k + dk
             self._k.append(k)
             self._state.append(state)

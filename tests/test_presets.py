@@ -167,7 +167,7 @@ def _same(actual, expected):
     return actual == expected and math.copysign(1, actual) == math.copysign(1, expected)
 
 
-BACKENDS = ["reference"]  # the kernels join when they take the fused attribute
+BACKENDS = ["reference", "kernel"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -220,6 +220,17 @@ class _AccumMixin:
         tensor = tf.convert_to_tensor(tensor)
         return tensor if tensor.dtype == tf.float32 else tf.cast(tensor, tf.float32)
 
+    def _bias_and_activation(self, y):
+        """The float32 GEMM result in the layer's compute dtype, plus its bias, through
+        its activation: what a Dense-like layer does after its product."""
+        if y.dtype != self.compute_dtype:
+            y = tf.cast(y, self.compute_dtype)
+        if self.bias is not None:
+            y = keras.ops.add(y, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
 
 @keras.saving.register_keras_serializable(package="tfaccum")
 class AccumDense(_AccumMixin, keras.layers.Dense):
@@ -255,13 +266,7 @@ class AccumDense(_AccumMixin, keras.layers.Dense):
                              step=step)
             y = tf.reshape(y, tf.concat([lead, [self.units]], axis=0))
             y.set_shape(x.shape[:-1].concatenate([self.units]))
-        if y.dtype != self.compute_dtype:
-            y = tf.cast(y, self.compute_dtype)
-        if self.bias is not None:
-            y = keras.ops.add(y, self.bias)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return self._bias_and_activation(y)
 
 
 @keras.saving.register_keras_serializable(package="tfaccum")
@@ -508,13 +513,7 @@ class AccumEinsumDense(_AccumMixin, keras.layers.EinsumDense):
         y = accum_einsum(self.equation, self._as_float32(inputs),
                          self._as_float32(self.kernel), self._accum_policy,
                          step=self._current_step(training))
-        if y.dtype != self.compute_dtype:
-            y = tf.cast(y, self.compute_dtype)
-        if self.bias is not None:
-            y = keras.ops.add(y, self.bias)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return self._bias_and_activation(y)
 
 
 class _AttentionTwin(_AccumMixin):

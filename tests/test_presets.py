@@ -297,3 +297,21 @@ def test_rewrite_and_summary_name_the_hardware():
     text = tfaccum.summary(emulated, print_fn=lambda *_: None)
     assert "hopper e4m3 (wgmma)" in text and "32-term" in text and "chunk 128" in text
     assert emulated.get_layer("fc").policy == policy
+
+
+@pytest.mark.parametrize("arch,operands", PAIRS)
+def test_every_preset_kernels_equal_the_reference_on_random_operands(arch, operands):
+    # Operands already in the format (as the bit-exactness promise reads), K not a
+    # multiple of L, with and without promotion at an interval that is not a multiple of
+    # L either.
+    terms = PUBLISHED[(arch, operands)][0]
+    rng = np.random.default_rng(abs(hash((arch, operands))) % 2 ** 32)
+    fmt = presets.OPERAND_FORMATS[operands]
+    k = 2 * terms + 3
+    a = reference.quantize(rng.standard_normal((3, k)).astype(np.float32) * 4, fmt)
+    b = reference.quantize(rng.standard_normal((k, 2)).astype(np.float32) * 4, fmt)
+    for promote in (0, terms + 1):
+        config = presets.tensor_core(arch, operands, promote_every=promote).fwd
+        got = tfaccum.accum_matmul(a, b, config).numpy()
+        np.testing.assert_array_equal(got.view(np.uint32),
+                                      reference.matmul(a, b, config).view(np.uint32))

@@ -126,13 +126,19 @@ class TensorCoreModel:
         return OPERAND_FORMATS[self.operands]
 
     def config(self, promote_every: int = 0) -> AccumConfig:
-        """One GEMM as this hardware sums it; ``promote_every > 0`` adds the partial sum to
-        a float32 total (nearest-even) every that many products."""
-        promote_every = _check_int("promote_every", promote_every, 0, 2 ** 31 - 1)
-        return AccumConfig(accumulator=self.accumulator, fused=self.adder,
-                           chunk_size=promote_every,
-                           chunk_accumulator=BINARY32 if promote_every else None,
-                           rounding="nearest_even")
+        """One GEMM as this hardware sums it (see :func:`fused_config`)."""
+        return fused_config(self.adder, self.accumulator, promote_every)
+
+
+def fused_config(adder: FusedAdder, accumulator: FloatFormat, promote_every: int = 0,
+                 promoted_into: FloatFormat = BINARY32) -> AccumConfig:
+    """One GEMM summed by ``adder`` into ``accumulator``; ``promote_every > 0`` adds the
+    partial sum to a ``promoted_into`` total (nearest-even) every that many products and
+    restarts it (numerics.md §7)."""
+    promote_every = _check_int("promote_every", promote_every, 0, 2 ** 31 - 1)
+    return AccumConfig(accumulator=accumulator, fused=adder, chunk_size=promote_every,
+                       chunk_accumulator=promoted_into if promote_every else None,
+                       rounding="nearest_even")
 
 
 def _supported_pairs() -> str:

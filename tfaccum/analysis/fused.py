@@ -50,7 +50,8 @@ from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, VRREstimate, _check
                                   _ModeCurve, _pdf, _sequential, _sigma_key,
                                   passes_criterion)
 from tfaccum.config import BINARY32, AccumConfig, FloatFormat, FusedAdder, as_format
-from tfaccum.presets import OPERAND_FORMATS, TensorCoreModel, model as _preset_model
+from tfaccum.presets import OPERAND_FORMATS, TensorCoreModel, fused_config
+from tfaccum.presets import model as _preset_model
 
 __all__ = ["FusedSetup", "PromotionSearch", "fused_setup", "fused_variance_lost",
            "fused_vrr", "fused_vrr_monte_carlo", "longest_promotion_interval",
@@ -86,10 +87,8 @@ class FusedSetup:
 
     def config(self, promote_every: int = 0) -> AccumConfig:
         """The AccumConfig the kernels run for this hardware (chunk_size = promotion)."""
-        return AccumConfig(accumulator=self.accumulator, fused=self.adder,
-                           chunk_size=promote_every,
-                           chunk_accumulator=self.chunk_accumulator if promote_every else None,
-                           rounding="nearest_even")
+        return fused_config(self.adder, self.accumulator, promote_every,
+                            self.chunk_accumulator)
 
     def describe(self) -> str:
         a = self.adder

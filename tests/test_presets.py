@@ -73,6 +73,10 @@ def test_parameters_match_the_published_tables(arch, operands):
     assert config.chunk_size == 0 and config.product is None
     e, m = OPERAND_BITS[operands]
     assert (policy.operands.exponent_bits, policy.operands.mantissa_bits) == (e, m)
+    # NVIDIA's FP8 E4M3 is the OCP E4M3FN layout (largest 448, no Inf); E5M2 is IEEE-like.
+    assert policy.operands.finite == (operands == "e4m3")
+    assert policy.operands.max_value == {"e4m3": 448.0, "e5m2": 57344.0}.get(
+        operands, policy.operands.max_value)
     assert adder.operand_emin == 2 - 2 ** (e - 1)  # the format's smallest normal exponent
     assert arch in adder.hardware and operands in adder.hardware
 

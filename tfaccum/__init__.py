@@ -21,6 +21,7 @@ from tfaccum.config import (  # noqa: F401
     FLOAT32_CONFIG,
     FLOAT32_POLICY,
     FP8_E4M3,
+    FP8_E4M3FN,
     FP8_E5M2,
     FULL_PRECISION,
     PRESETS,

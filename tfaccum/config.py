@@ -73,12 +73,19 @@ class FloatFormat:
       subnormals: keep gradual underflow. When False a value is rounded as if subnormals
         existed and a non-zero result below the smallest normal becomes a signed zero.
       overflow: ``"saturate"`` (clamp to the largest finite value) or ``"inf"`` (IEEE).
+      finite: the OCP "FN" layout (FP8 E4M3FN, NVIDIA's and the OCP standard's E4M3): no
+        infinities; the top exponent code holds finite values and only its all-ones
+        significand is NaN, so the largest value is ``(2 - 2^(1-m)) * 2^(bias+1)`` (448
+        for e4m3). An infinite input saturates to the largest value (as a ``satfinite``
+        conversion does) unless ``overflow="inf"``. A format for operands
+        (``AccumPolicy.operands``, ``tfaccum.quantize``); accumulators cannot be finite.
     """
 
     exponent_bits: int
     mantissa_bits: int
     subnormals: bool = True
     overflow: str = "saturate"
+    finite: bool = False
 
     def __post_init__(self):
         # Stored back as plain Python values, so that configs compare, hash and serialize
@@ -89,6 +96,13 @@ class FloatFormat:
                            _check_int("mantissa_bits", self.mantissa_bits, 0, 23))
         object.__setattr__(self, "subnormals", _check_bool("subnormals", self.subnormals))
         _check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        object.__setattr__(self, "finite", _check_bool("finite", self.finite))
+        if self.finite and not (1 <= self.mantissa_bits <= 22 and self.exponent_bits <= 7):
+            # The all-ones significand is NaN, so m >= 1; the top binade must stay inside
+            # float32's range (and a float32 value of it exactly representable).
+            raise ValueError("a finite (FN) format needs mantissa_bits 1..22 and "
+                             f"exponent_bits 2..7, got e{self.exponent_bits}m"
+                             f"{self.mantissa_bits}")
 
     # Derived quantities -------------------------------------------------------------
     @property
@@ -103,11 +117,12 @@ class FloatFormat:
     @property
     def emax(self) -> int:
         """Exponent of the largest finite value."""
-        return self.bias
+        return self.bias + 1 if self.finite else self.bias
 
     @property
     def max_value(self) -> float:
-        return (2.0 - 2.0 ** -self.mantissa_bits) * 2.0 ** self.emax
+        top = 2.0 ** (1 - self.mantissa_bits) if self.finite else 2.0 ** -self.mantissa_bits
+        return (2.0 - top) * 2.0 ** self.emax
 
     @property
     def smallest_normal(self) -> float:
@@ -119,7 +134,7 @@ class FloatFormat:
 
     @property
     def name(self) -> str:
-        return f"e{self.exponent_bits}m{self.mantissa_bits}"
+        return f"e{self.exponent_bits}m{self.mantissa_bits}" + ("fn" if self.finite else "")
 
     def with_mantissa_bits(self, mantissa_bits: int) -> "FloatFormat":
         return dataclasses.replace(self, mantissa_bits=mantissa_bits)
@@ -146,6 +161,9 @@ class FloatFormat:
 
     def kernel_attr(self) -> list:
         """The op attribute encoding: [exponent_bits, mantissa_bits, subnormals, overflow_inf]."""
+        if self.finite:
+            raise ValueError(f"{self.name} is a finite (FN) format, which the kernels do not "
+                             "take: tfaccum.quantize rounds to it from two IEEE-style formats")
         return [self.exponent_bits, self.mantissa_bits, int(self.subnormals),
                 int(self.overflow == "inf")]
 
@@ -157,6 +175,7 @@ BINARY16 = FloatFormat(5, 10, overflow="inf")
 BFLOAT16 = FloatFormat(8, 7, overflow="inf")
 FP8_E5M2 = FloatFormat(5, 2)
 FP8_E4M3 = FloatFormat(4, 3)
+FP8_E4M3FN = FloatFormat(4, 3, finite=True)  # OCP / NVIDIA E4M3: max 448, no Inf
 PRESETS = {
     "binary32": BINARY32,
     "float32": BINARY32,
@@ -165,6 +184,7 @@ PRESETS = {
     "bfloat16": BFLOAT16,
     "fp8_e5m2": FP8_E5M2,
     "fp8_e4m3": FP8_E4M3,
+    "fp8_e4m3fn": FP8_E4M3FN,
 }
 
 
@@ -178,8 +198,10 @@ def as_format(value: Union[FloatFormat, str, Mapping, tuple]) -> FloatFormat:
             return PRESETS[key]
         if key.startswith("e") and "m" in key:
             e, _, m = key[1:].partition("m")
+            finite = m.endswith("fn")
+            m = m[:-2] if finite else m
             if e.isdigit() and m.isdigit():
-                return FloatFormat(int(e), int(m))
+                return FloatFormat(int(e), int(m), finite=finite)
         raise ValueError(f"unknown format {value!r}: use a preset "
                          f"({', '.join(sorted(PRESETS))}) or 'e<E>m<M>' such as 'e6m9'")
     if isinstance(value, Mapping):
@@ -290,6 +312,11 @@ class AccumConfig:
             object.__setattr__(self, "product", as_format(self.product))
         if self.chunk_accumulator is not None:
             object.__setattr__(self, "chunk_accumulator", as_format(self.chunk_accumulator))
+        for field in ("accumulator", "product", "chunk_accumulator"):
+            value = getattr(self, field)
+            if isinstance(value, FloatFormat) and value.finite:
+                raise ValueError(f"{field} cannot be the finite (FN) format {value.name}: "
+                                 "FN formats are operand formats only")
         object.__setattr__(self, "chunk_size",
                            _check_int("chunk_size", self.chunk_size, 0, 2 ** 31 - 1))
         _check_choice("rounding", self.rounding, ROUNDING_MODES)

@@ -21,6 +21,7 @@ sequential sum is swamped there, while the chunks' partial sums never get that l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import Sequence, Union
@@ -148,9 +149,45 @@ def quantize(x, fmt, rounding: str = "nearest_even", seed: int = 0, step=0,
     fmt = as_format(fmt)
     config = AccumConfig(rounding=rounding, seed=seed)  # validates rounding and seed
     x = _check_float32("x", x)
+    step = _step_input(step)
+    if fmt.finite:
+        return _quantize_finite(x, fmt, config, step, name)
     return load_library().tfaccum_quantize(
-        x, _step_input(step), format=fmt.kernel_attr(), rounding=config.rounding,
-        seed=config.seed, name=name)
+        x, step, format=fmt.kernel_attr(), rounding=config.rounding, seed=config.seed,
+        name=name)
+
+
+def _quantize_finite(x, fmt: FloatFormat, config: AccumConfig, step, name):
+    """Rounding to a finite (FN) format from two kernel roundings. Below ``2^emin`` its grid
+    is that of the IEEE-style format of the same width (the subnormals); from ``2^emin``
+    up it is that of a format with one more exponent bit (the same significand, a wider
+    range), up to the FN format's largest value. Each element uses one of the two results,
+    drawn (stochastic rounding) at its own element index as a single rounding would be;
+    beyond the largest value the overflow rules apply (numerics.md §1)."""
+    low = dataclasses.replace(fmt, finite=False, overflow="saturate")
+    wide = dataclasses.replace(low, exponent_bits=fmt.exponent_bits + 1)
+
+    def run(x, f):
+        return load_library().tfaccum_quantize(x, step, format=f.kernel_attr(),
+                                               rounding=config.rounding, seed=config.seed)
+
+    @tf.custom_gradient
+    def rounded(x):
+        small, large = run(x, low), run(x, wide)
+        largest = tf.constant(fmt.max_value, tf.float32)
+        if fmt.overflow == "inf" and config.rounding != "toward_zero":
+            beyond = tf.where(large > 0, tf.constant(np.inf, tf.float32),
+                              tf.constant(-np.inf, tf.float32))
+            large = tf.where(tf.abs(large) > largest, beyond, large)
+        else:  # saturate, and IEEE toward-zero; an infinite input too (satfinite)
+            large = tf.where(tf.abs(large) > largest, tf.sign(large) * largest, large)
+            if fmt.overflow == "inf":  # ... but an infinity stays one (numerics.md §1)
+                large = tf.where(tf.math.is_inf(x), x, large)
+        y = tf.where(tf.abs(x) < tf.constant(2.0 ** fmt.emin, tf.float32), small, large)
+        return y, lambda dy: dy  # straight-through, as the kernel's own quantize
+
+    y = rounded(x)
+    return tf.identity(y, name=name) if name else y
 
 
 @tf.RegisterGradient("TfaccumQuantize")
@@ -630,5 +667,6 @@ def _conv2d_backprop_filter_grad(op, ddw):
     return d_x, None, d_dy, None
 
 
-__all__ = ["quantize", "accum_matmul", "accum_einsum", "einsum_lengths", "accum_conv2d", "accum_conv2d_transpose",
-           "load_library", "AccumConfig", "AccumPolicy", "FloatFormat"]
+__all__ = ["quantize", "accum_matmul", "accum_einsum", "einsum_lengths", "accum_conv2d",
+           "accum_conv2d_transpose", "load_library", "AccumConfig", "AccumPolicy",
+           "FloatFormat"]

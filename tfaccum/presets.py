@@ -9,7 +9,7 @@ and whose operands are rounded to ``operands`` first::
     >>> policy.fwd.fused
     hopper e4m3 (wgmma): fused 32-term adder F=13, toward-zero
     >>> policy.fwd.accumulator, policy.operands
-    (e8m13 (overflow=inf), e4m3)
+    (e8m13 (overflow=inf), e4m3fn)
     >>> presets.tensor_core("hopper", "e4m3", promote_every=128).fwd.chunk_size
     128
 
@@ -46,11 +46,11 @@ and normalisation toward zero. From MMA-Sim's NVIDIA models (``mmasim/nv_ptx/sim
 What is not modelled
 --------------------
 * The operands are rounded to their format by the policy (nearest-even, saturating for
-  FP8). The hardware's own conversion can differ: TF32 instructions *truncate* float32
-  inputs, and FP8 E4M3 on NVIDIA GPUs is the OCP "E4M3FN" format (largest value 448),
-  where tfaccum's E4M3 stops at 240. The accumulation is bit-exact for operands already
-  in the format (values up to 240 for e4m3), as ``accum_matmul`` with this policy's
-  configs shows against the reference.
+  FP8, as a ``satfinite`` conversion; ``e4m3`` is the OCP "E4M3FN" format NVIDIA GPUs use,
+  largest value 448, ``tfaccum.FP8_E4M3FN``). The hardware's own conversion can differ
+  elsewhere: TF32 instructions *truncate* float32 inputs. The accumulation is bit-exact
+  for operands already in the format, as ``accum_matmul`` with this policy's configs
+  shows against the reference.
 * The order of the instructions over K: the chain of numerics §7 walks K in order with
   one accumulator per output, as a plain tiled GEMM does. Split-K or stream-K kernels
   add partial results in float32 in another order.
@@ -66,7 +66,7 @@ from tfaccum.config import (
     BFLOAT16,
     BINARY16,
     BINARY32,
-    FP8_E4M3,
+    FP8_E4M3FN,
     FP8_E5M2,
     AccumConfig,
     AccumPolicy,
@@ -83,7 +83,7 @@ OPERAND_FORMATS: Dict[str, FloatFormat] = {
     "fp16": BINARY16,
     "bf16": BFLOAT16,
     "tf32": TF32,
-    "e4m3": FP8_E4M3,
+    "e4m3": FP8_E4M3FN,  # NVIDIA's E4M3 is OCP E4M3FN: up to 448, no Inf
     "e5m2": FP8_E5M2,
 }
 _OPERAND_BYTES = {"fp16": 2, "bf16": 2, "tf32": 4, "e4m3": 1, "e5m2": 1}

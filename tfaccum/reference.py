@@ -283,14 +283,17 @@ def _dyadic(n: int, k: int) -> Fraction:
 
 @functools.lru_cache(maxsize=None)
 def _limits(fmt: FloatFormat) -> Tuple[Fraction, Fraction]:
-    """(smallest normal 2^emin, largest finite (2^(m+1) - 1)·2^(emax-m)) of ``fmt``, exactly."""
+    """(smallest normal 2^emin, largest finite (2^(m+1) - 1)·2^(emax-m)) of ``fmt``, exactly;
+    a finite (FN) format's top significand is NaN, so its largest is (2^(m+1) - 2)·2^(emax-m)."""
     m = fmt.mantissa_bits
-    return _dyadic(1, fmt.emin), _dyadic(2 ** (m + 1) - 1, fmt.emax - m)
+    return _dyadic(1, fmt.emin), _dyadic(2 ** (m + 1) - 1 - int(fmt.finite), fmt.emax - m)
 
 
 def _round_exact(x, fmt: FloatFormat, rounding: str, rbits):
     """``Q_F`` of an exact value (Fraction or special float), giving an exact value."""
     if isinstance(x, float):
+        if math.isinf(x) and fmt.finite and fmt.overflow == "saturate":
+            return -_limits(fmt)[1] if x < 0 else _limits(fmt)[1]  # no Inf: satfinite
         return x  # NaN -> NaN, ±Inf -> ±Inf, ±0 -> ±0
     negative = x < 0
     p, q = abs(x.numerator), x.denominator  # |x| = p / q > 0

@@ -190,8 +190,9 @@ def supported() -> Tuple[Tuple[str, str], ...]:
     return tuple((arch, op) for arch, ops in SUPPORTED_OPERANDS.items() for op in ops)
 
 
-def parse(spec: str, promote_every: int = 0) -> AccumPolicy:
-    """``"hopper:e4m3"`` (or ``"tensor_core:hopper:e4m3"``) as :func:`tensor_core` does."""
+def parse_model(spec: str) -> TensorCoreModel:
+    """The :class:`TensorCoreModel` of ``"hopper:e4m3"`` (optionally prefixed
+    ``"tensor_core:"``), or ValueError naming the form and the supported pairs."""
     if not isinstance(spec, str):
         raise TypeError(f"a tensor-core spec must be a string, got {type(spec).__name__}")
     parts = spec.split(":")
@@ -200,7 +201,13 @@ def parse(spec: str, promote_every: int = 0) -> AccumPolicy:
     if len(parts) != 2:
         raise ValueError(f"a tensor-core spec is 'arch:operands' such as 'hopper:e4m3', "
                          f"got {spec!r}; supported pairs: {_supported_pairs()}")
-    return tensor_core(parts[0], parts[1], promote_every)
+    return model(parts[0], parts[1])
+
+
+def parse(spec: str, promote_every: int = 0) -> AccumPolicy:
+    """``"hopper:e4m3"`` (or ``"tensor_core:hopper:e4m3"``) as :func:`tensor_core` does."""
+    tc = parse_model(spec)
+    return tensor_core(tc.arch, tc.operands, promote_every)
 
 
 def hardware_of(config: AccumConfig) -> Optional[str]:

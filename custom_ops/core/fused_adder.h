@@ -43,18 +43,6 @@ namespace tfaccum {
 
 constexpr uint64_t kExponentMask = 0x7ff0000000000000ULL;
 
-// s(x) of step 1 for one float32 operand: 0 for a zero, 2^127 for NaN and Inf, else
-// 2^max(floor(log2|x|), operand_emin), as a float32 (exact: a power of two >= 2^-149).
-// `operand_min` is 2^operand_emin. Computed from the binary64 value, where every float32
-// (subnormals included) is normal, so its exponent field is floor(log2|x|).
-TFACCUM_HD float fused_operand_scale(float x, double operand_min) {
-  const double power = from_bits(to_bits(static_cast<double>(x)) & kExponentMask);
-  const double clamped = power > 1.7014118346046923e38 ? 1.7014118346046923e38  // 2^127
-                         : power < operand_min         ? operand_min
-                                                       : power;
-  return x == 0.0f ? 0.0f : static_cast<float>(clamped);
-}
-
 // The lane-wise maximum and minimum of non-negative, non-NaN values (the scales).
 template <class D>
 TFACCUM_HD D max_scale(D a, D b) {
@@ -63,6 +51,21 @@ TFACCUM_HD D max_scale(D a, D b) {
 template <class D>
 TFACCUM_HD D min_scale(D a, D b) {
   return select(a < b, a, b);
+}
+
+// s(x) of step 1 for float32 operands widened to binary64 (one, or a vector of them): 0
+// for a zero, 2^127 for NaN and Inf, else 2^max(floor(log2|x|), operand_emin), a power
+// of two >= 2^-149, so exact as a float32. `operand_min` is 2^operand_emin. In binary64
+// every float32 (subnormals included) is normal, so its exponent field is floor(log2|x|).
+template <class D>
+TFACCUM_HD D fused_operand_scales(D x, double operand_min) {
+  const D power = from_bits(to_bits(x) & kExponentMask);  // Inf for NaN and Inf
+  const D scale = max_scale(min_scale(power, D{} + 1.7014118346046923e38),  // 2^127
+                            D{} + operand_min);
+  return select(x == D{}, D{}, scale);
+}
+TFACCUM_HD float fused_operand_scale(float x, double operand_min) {
+  return static_cast<float>(fused_operand_scales(static_cast<double>(x), operand_min));
 }
 
 // 2^E of step 1, from the block's product scales (`top`, `low`) and the running sum `d`.

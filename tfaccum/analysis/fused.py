@@ -50,8 +50,7 @@ from tfaccum.analysis.vrr import (DEFAULT_MAX_RELATIVE_LOSS, VRREstimate, _check
                                   _ModeCurve, _pdf, _sequential, _sigma_key,
                                   passes_criterion)
 from tfaccum.config import BINARY32, AccumConfig, FloatFormat, FusedAdder, as_format
-from tfaccum.presets import OPERAND_FORMATS, TensorCoreModel, fused_config
-from tfaccum.presets import model as _preset_model
+from tfaccum.presets import OPERAND_FORMATS, TensorCoreModel, fused_config, parse_model
 
 __all__ = ["FusedSetup", "PromotionSearch", "fused_setup", "fused_variance_lost",
            "fused_vrr", "fused_vrr_monte_carlo", "longest_promotion_interval",
@@ -111,13 +110,7 @@ def fused_setup(hardware: HardwareLike, accumulator=None, operands=None) -> Fuse
     if isinstance(hardware, FusedSetup):
         return hardware
     if isinstance(hardware, str):
-        parts = hardware.split(":")
-        if parts[0] == "tensor_core":
-            parts = parts[1:]
-        if len(parts) != 2:
-            raise ValueError(f"a tensor-core spec is 'arch:operands' such as 'hopper:e4m3', "
-                             f"got {hardware!r}")
-        hardware = _preset_model(parts[0], parts[1])
+        hardware = parse_model(hardware)
     if isinstance(hardware, TensorCoreModel):
         if accumulator is not None or operands is not None:
             raise ValueError("a TensorCoreModel carries its accumulator and operand formats; "

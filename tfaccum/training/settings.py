@@ -142,7 +142,7 @@ def parse_policy(text: str, exponent_bits: int) -> str:
         return "predicted"
     if key.startswith(TENSOR_CORE_PREFIX):
         try:
-            tc = presets.model(*key[len(TENSOR_CORE_PREFIX):].split(":", 1))
+            tc = presets.parse_model(key)
         except (TypeError, ValueError) as err:
             _fail("policy", f"{text!r}: {err} (write tensor_core:<arch>:<operands>, e.g. "
                             "tensor_core:hopper:e4m3)")
@@ -305,7 +305,7 @@ class Settings:
         if policy.startswith(TENSOR_CORE_PREFIX):
             # The hardware fixes the operand format and the roundings; the promotion
             # interval is the chunk size of the run (numerics.md section 7).
-            tc = presets.model(*policy[len(TENSOR_CORE_PREFIX):].split(":"))
+            tc = presets.parse_model(policy)
             given = v.get("operands")
             if given and parse_operands(given) != tc.operand_format:
                 _fail("operands", f"{policy} takes {tc.operands} operands, got {given!r}: "
